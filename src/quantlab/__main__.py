@@ -1,0 +1,3 @@
+from quantlab.run import main
+
+main()

@@ -1,0 +1,4 @@
+"""Number formats (bits, grouping, symmetry, grid kind), independent of any algorithm."""
+from quantlab.formats.spec import QuantFormat
+
+__all__ = ["QuantFormat"]

@@ -1,0 +1,99 @@
+"""Reference uniform (affine) quantization on integer grids: pure functions on tensors.
+
+Notation (as in the GPTQ/AWQ papers and code): W is (out, in); a group is ``g`` consecutive input
+channels of one output row; b = bits; maxq = 2^b - 1. For each group,
+
+    q = clamp(round(w / s) + z, 0, maxq)          (quantize)
+    w_hat = (q - z) * s                            (dequantize)
+
+with ``round`` = round-half-to-even (``torch.round``), as in every PyTorch reference quantizer.
+
+Parameter choice (``choose_qparams``):
+  * asymmetric, ``zero_in_range=False`` (AWQ / SmoothQuant+ / llm-awq ``pseudo_quantize_tensor``):
+    s = max(max(w) - min(w), 1e-5) / maxq,  z = clamp(-round(min(w) / s), 0, maxq)
+  * asymmetric, ``zero_in_range=True`` (GPTQ ``Quantizer.find_params``): range widened to contain 0,
+    an all-zero group gets [-1, 1]; s = (xmax - xmin) / maxq, z = round(-xmin / s)
+  * symmetric (restricted range, no clipping): s = max|w| / (2^(b-1) - 1), z = 2^(b-1)
+    (the all-zero group gets s = 1).
+
+All math runs in float32 (float64 inputs stay float64) and results are cast back by callers.
+"""
+from __future__ import annotations
+
+import torch
+
+from quantlab.formats.spec import QuantFormat
+
+AWQ_MIN_RANGE = 1e-5  # llm-awq: (max - min).clamp(min=1e-5)
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def group_view(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Reshape W (out, in) to (out, in // g, g); ``g`` must divide ``in``."""
+    out_f, in_f = w.shape
+    g = fmt.effective_group_size(in_f)
+    if in_f % g:
+        raise ValueError(f"group_size {g} does not divide in_features {in_f}")
+    return w.reshape(out_f, in_f // g, g)
+
+
+def choose_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per group.
+
+    Args:
+        w: weight (out, in).
+        fmt: the format.
+
+    Returns:
+        ``(scale, zero)``, each (out, in // g) in the compute dtype; ``zero`` holds integers.
+    """
+    wg = group_view(w.to(_compute_dtype(w)), fmt)
+    maxq = fmt.maxq
+    if fmt.symmetric:
+        qpos = 2 ** (fmt.bits - 1) - 1
+        amax = wg.abs().amax(dim=-1)
+        scale = torch.where(amax > 0, amax / qpos, torch.ones_like(amax))
+        zero = torch.full_like(scale, float(2 ** (fmt.bits - 1)))
+        return scale, zero
+    wmin = wg.amin(dim=-1)
+    wmax = wg.amax(dim=-1)
+    if fmt.zero_in_range:
+        wmin = wmin.clamp(max=0)
+        wmax = wmax.clamp(min=0)
+        both_zero = (wmin == 0) & (wmax == 0)
+        wmin = torch.where(both_zero, -torch.ones_like(wmin), wmin)
+        wmax = torch.where(both_zero, torch.ones_like(wmax), wmax)
+        scale = (wmax - wmin) / maxq
+        zero = torch.round(-wmin / scale)
+    else:
+        scale = (wmax - wmin).clamp(min=AWQ_MIN_RANGE) / maxq
+        zero = torch.clamp(-torch.round(wmin / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Integer codes q = clamp(round(w / s) + z, 0, maxq) as uint8, shape (out, in)."""
+    wg = group_view(w.to(scale.dtype), fmt)
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, fmt.maxq)
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """w_hat = (q - z) * s, shape (out, in), in ``scale``'s dtype."""
+    qg = group_view(q.to(scale.dtype), fmt)
+    return ((qg - zero[..., None]) * scale[..., None]).reshape(q.shape)
+
+
+def quantize_weight(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: ``(codes, scale, zero)`` for W (out, in) with min/max parameters."""
+    scale, zero = choose_qparams(w, fmt)
+    return quantize(w, scale, zero, fmt), scale, zero
+
+
+def fake_quantize(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of W (out, in); returns W's dtype and device."""
+    q, scale, zero = quantize_weight(w, fmt)
+    return dequantize(q, scale, zero, fmt).to(w.dtype)

@@ -1,0 +1,96 @@
+"""QuantFormat: *what* a weight is quantized to, separate from *how* (the algorithm).
+
+A format fixes the integer grid (bits), how weights share quantization parameters (per group of
+``group_size`` consecutive input channels of one output row, or per output channel), and whether
+the grid is symmetric around zero or carries a zero point. Algorithms (RTN, GPTQ, AWQ, ...) take a
+format and decide *which* values land on that grid.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from quantlab.errors import ConfigError
+
+KINDS = ("int",)
+_KEY = "quantizer.format"
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """Integer weight format.
+
+    Attributes:
+        bits: code width b, 2..8; codes are unsigned in [0, 2^b - 1].
+        group_size: number of consecutive input channels sharing one scale (and zero point);
+            ``-1`` means one set of parameters per output channel (the whole row).
+        symmetric: symmetric grid (no zero point stored; z fixed at 2^(b-1)) or asymmetric
+            (min/max range with a b-bit zero point).
+        kind: grid kind; ``int`` (uniform affine grid). Code-book kinds (nf4/fp4) are separate formats.
+        zero_in_range: asymmetric only. ``False`` = AWQ / SmoothQuant+ convention (range is the group's
+            [min, max]; an all-positive group clips its top values). ``True`` = GPTQ convention
+            (range widened to include 0).
+        scale_bits: storage width of one scale (fp16 = 16), used only for bits-per-weight accounting.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    kind: str = "int"
+    zero_in_range: bool = False
+    scale_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"{_KEY}.bits", f"must be an integer in [2, 8], got {self.bits!r}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs < 1):
+            raise ConfigError(f"{_KEY}.group_size", f"must be -1 (per output channel) or >= 1, got {gs!r}")
+        if self.kind not in KINDS:
+            raise ConfigError(f"{_KEY}.kind", f"must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"{_KEY}.symmetric", f"must be true or false, got {self.symmetric!r}")
+        if self.scale_bits not in (8, 16, 32):
+            raise ConfigError(f"{_KEY}.scale_bits", f"must be 8, 16 or 32, got {self.scale_bits!r}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest code, 2^b - 1."""
+        return 2**self.bits - 1
+
+    def effective_group_size(self, in_features: int) -> int:
+        """Group size for a layer with ``in_features`` inputs (-1 resolves to ``in_features``)."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """Raise :class:`ConfigError` unless ``group_size`` divides ``in_features`` of layer ``name``."""
+        g = self.effective_group_size(in_features)
+        if in_features % g != 0:
+            raise ConfigError(
+                f"{_KEY}.group_size",
+                f"{g} does not divide in_features={in_features} of layer {name!r} "
+                f"(choose a divisor of {in_features}, or -1 for per-channel)",
+            )
+
+    def bits_per_weight(self, in_features: int | None = None) -> float:
+        """Storage bits per weight including per-group scale (and zero point when asymmetric).
+
+        ``bpw = b + (scale_bits + [b if asymmetric]) / g``. For per-channel formats ``g`` is
+        ``in_features`` (required then).
+        """
+        if self.group_size == -1:
+            if in_features is None:
+                raise ValueError("per-channel bits_per_weight needs in_features")
+            g = in_features
+        else:
+            g = self.group_size
+        overhead = self.scale_bits + (0 if self.symmetric else self.bits)
+        return self.bits + overhead / g
+
+    def short_name(self) -> str:
+        """Compact label, e.g. ``w4g128a`` (a = asymmetric, s = symmetric) or ``w8pcs``."""
+        g = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        return f"w{self.bits}{g}{'s' if self.symmetric else 'a'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,34 @@
+"""Selecting the Linear layers a quantizer acts on, by fully-qualified module name."""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterable, Iterator
+
+from torch import nn
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """True if ``name`` matches any glob pattern (``fnmatch``; ``*`` spans dots)."""
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def iter_linears(
+    model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ("lm_head",)
+) -> Iterator[tuple[str, nn.Linear]]:
+    """Yield ``(fqn, module)`` for every ``nn.Linear`` whose name matches ``include`` and not ``exclude``.
+
+    Patterns are globs on the fully-qualified name, e.g. ``model.layers.*.mlp.*`` or ``*q_proj``.
+    """
+    include, exclude = tuple(include), tuple(exclude)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and matches(name, include) and not matches(name, exclude):
+            yield name, mod
+
+
+def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    """Swap the submodule at ``fqn`` for ``new`` on a stock model; returns the old module."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

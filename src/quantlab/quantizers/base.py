@@ -1,0 +1,142 @@
+"""Quantizer interface and registry.
+
+A method is a frozen config dataclass (inspectable, serializable, validated in ``__post_init__``)
+plus a :class:`Quantizer` subclass registered under the method's name. The pipeline builds the
+quantizer from the config object's type (:func:`build_quantizer`); the quantizer never reads Hydra
+config, globals or environment variables, and writes files only below ``ctx.output_dir``.
+
+Adding a method touches three files: ``quantizers/<name>.py``, ``conf/quantizer/<name>.yaml`` and
+``tests/test_quantizer_<name>.py`` (see README, "Adding a quantizer").
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Generic, TypeVar
+
+from torch import nn
+
+from quantlab.errors import ConfigError
+from quantlab.formats.spec import QuantFormat
+from quantlab.nn.swap import iter_linears
+from quantlab.registry import Registry
+from quantlab.types import CalibData, QuantResult, RunContext
+
+QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer")
+
+
+def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ConfigError(key, f"must be a list of glob patterns, got {value!r}") from None
+    if not all(isinstance(v, str) for v in items):
+        raise ConfigError(key, f"must be a list of glob patterns, got {value!r}")
+    return items
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Fields shared by every method.
+
+    Attributes:
+        include: glob patterns on module names selecting Linears to quantize (default: all).
+        exclude: glob patterns removed from the selection (default: ``lm_head``, kept in full
+            precision as in GPTQ, AWQ and the SmoothQuant+ vLLM fork).
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        # Hydra passes lists; store tuples so configs stay hashable and immutable.
+        object.__setattr__(self, "include", _as_tuple(self.include, "quantizer.include"))
+        object.__setattr__(self, "exclude", _as_tuple(self.exclude, "quantizer.exclude"))
+        fmt = getattr(self, "format", None)
+        if isinstance(fmt, dict):
+            object.__setattr__(self, "format", QuantFormat(**fmt))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+
+C = TypeVar("C", bound=QuantizerConfig)
+
+
+class Quantizer(ABC, Generic[C]):
+    """Base class of all methods.
+
+    Class attributes:
+        name: registry key (== module name == YAML stem or its prefix).
+        config_cls: the config dataclass this quantizer is built from.
+        requires_calibration: the pipeline builds :class:`CalibData` only if True.
+        is_identity: True for the full-precision baseline (no format is applied or recorded).
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[QuantizerConfig]]
+    requires_calibration: ClassVar[bool] = False
+    is_identity: ClassVar[bool] = False
+
+    def __init__(self, config: C) -> None:
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config: C = config
+
+    @property
+    def format(self) -> QuantFormat | None:
+        """The weight format this method quantizes to (None for the identity baseline)."""
+        return None if self.is_identity else getattr(self.config, "format", None)
+
+    def target_linears(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        """The Linears selected by ``include``/``exclude``."""
+        return list(iter_linears(model, self.config.include, self.config.exclude))
+
+    def validate(self, model: nn.Module) -> None:
+        """Check the config against the model before any data is loaded; raise :class:`ConfigError`."""
+        targets = self.target_linears(model)
+        if not targets and not self.is_identity:
+            raise ConfigError(
+                "quantizer.include",
+                f"no nn.Linear matches include={list(self.config.include)} exclude={list(self.config.exclude)}",
+            )
+        fmt = self.format
+        if fmt is not None:
+            for name, mod in targets:
+                fmt.check_layer(name, mod.in_features)
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
+        """Quantize ``model`` (in place is allowed) and return it with artifacts and a summary."""
+
+
+def register_quantizer(name: str, config_cls: type[QuantizerConfig]):
+    """Class decorator: register a :class:`Quantizer` under ``name`` built from ``config_cls``."""
+
+    def deco(cls: type[Quantizer]) -> type[Quantizer]:
+        cls.name = name
+        cls.config_cls = config_cls
+        return QUANTIZERS.register(name)(cls)
+
+    return deco
+
+
+def quantizer_class(config: QuantizerConfig) -> type[Quantizer]:
+    """The registered quantizer class whose ``config_cls`` is ``type(config)``."""
+    for _, cls in QUANTIZERS.items():
+        if type(config) is cls.config_cls:
+            return cls
+    raise ConfigError("quantizer", f"no quantizer is registered for config type {type(config).__name__}")
+
+
+def build_quantizer(config: QuantizerConfig) -> Quantizer:
+    """Instantiate the registered quantizer for ``config``."""
+    return quantizer_class(config)(config)
+
+
+def config_fields(config: QuantizerConfig) -> list[str]:
+    return [f.name for f in fields(config)]

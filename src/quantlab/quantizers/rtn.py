@@ -1,0 +1,58 @@
+"""Round-to-nearest (RTN): group-wise min/max fake quantization of every selected Linear.
+
+The baseline of every weight-quantization paper (GPTQ "RTN", AWQ "RTN", SmoothQuant+ Table 1 "RTN").
+Each weight group gets min/max parameters (:func:`quantlab.formats.affine.choose_qparams`) and is
+rounded to the nearest grid point; the dequantized weight replaces the original in the model's dtype
+(fake quantization, for accuracy studies). Integer codes, scales and zero points are returned as
+artifacts so the result can be re-applied or packed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantlab.formats import affine
+from quantlab.formats.spec import QuantFormat
+from quantlab.quantizers.base import Quantizer, QuantizerConfig, register_quantizer
+from quantlab.types import CalibData, QuantResult, RunContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantizerConfig):
+    """RTN settings.
+
+    Attributes:
+        format: the weight format (bits, group size, symmetry).
+        save_codes: also return integer codes/scales/zeros as artifacts (RTN is deterministic,
+            so they are only needed for packing; off by default to save memory on big models).
+    """
+
+    format: QuantFormat = field(default_factory=QuantFormat)
+    save_codes: bool = False
+
+
+@register_quantizer("rtn", RTNConfig)
+class RTNQuantizer(Quantizer[RTNConfig]):
+    """Replaces each selected Linear's weight by its RTN fake-quantized value."""
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
+        fmt = self.config.format
+        done: list[str] = []
+        artifacts: dict[str, torch.Tensor] = {}
+        for name, mod in self.target_linears(model):
+            w = mod.weight.data
+            q, scale, zero = affine.quantize_weight(w, fmt)
+            mod.weight.data.copy_(affine.dequantize(q, scale, zero, fmt).to(w.dtype))
+            if self.config.save_codes:
+                artifacts[f"{name}.qweight"] = q.cpu()
+                artifacts[f"{name}.scales"] = scale.to(torch.float32).cpu()
+                artifacts[f"{name}.zeros"] = zero.to(torch.uint8).cpu()
+            done.append(name)
+        log.info("RTN %s: quantized %d Linear layers", fmt.short_name(), len(done))
+        return QuantResult(model=model, quantized_layers=done, artifacts=artifacts, summary={"n_layers": len(done)})

@@ -1,0 +1,15 @@
+"""Filesystem locations: the model cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """quantlab's cache (demo model, converted checkpoints): ``$QUANTLAB_CACHE`` or ``~/.cache/quantlab``.
+
+    This is the one place where library code reads an environment variable; it is documented in the
+    README and recorded with every run that loads from the cache.
+    """
+    env = os.environ.get("QUANTLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantlab"
