@@ -1,0 +1,341 @@
+"""Collect ``result.json`` records below a directory and render the comparison table.
+
+``python -m quantlab.report [DIR] [--out OUTDIR] [--experiment NAME] [--metrics a,b]`` prints one
+table per experiment and writes ``report.csv`` (every flat column), ``report.md`` (the summary
+table) and, when pyarrow is installed, ``report.parquet``.
+
+Killed or still-running runs (a Hydra run dir with ``.hydra/`` but no ``result.json``) appear as
+``status = incomplete`` rows: they are never silently dropped and never shown as successes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import numbers
+import os
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from quantlab.errors import DataError
+from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+ID_COLUMNS = ("experiment", "model", "quantizer", "format", "bits_per_weight", "seed")
+TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id")
+_TIME_COLUMNS = ("quant_time_s", "wall_s")
+_GB_COLUMNS = ("peak_rss_gb", "peak_cuda_gb")
+_STATUS_STYLE = {"failed": "red", "incomplete": "yellow"}
+MISSING = "-"
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        logger.debug("cannot read %s: %s", path, exc)
+        return None
+
+
+def _incomplete_record(run_dir: Path, root: Path) -> RunRecord:
+    """A placeholder row for a Hydra run dir without ``result.json`` (best effort from ``.hydra/``)."""
+    hydra_dir = run_dir / ".hydra"
+    cfg = _load_yaml(hydra_dir / "config.yaml")
+    cfg = cfg if isinstance(cfg, dict) else {}
+    hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml")
+    choices = {}
+    if isinstance(hydra_cfg, dict):
+        choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    overrides = _load_yaml(hydra_dir / "overrides.yaml")
+    experiment = next((v for v in (cfg.get("experiment"), cfg.get("exp"), choices.get("exp"))
+                       if isinstance(v, str)), "")
+    seed = cfg.get("seed")
+    rel = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
+    started = datetime.fromtimestamp(hydra_dir.stat().st_mtime, tz=timezone.utc)
+    return RunRecord(
+        run_id=rel,
+        status="incomplete",
+        experiment=experiment,
+        output_dir=str(run_dir),
+        started_at=started.isoformat(timespec="milliseconds"),
+        model={"name": choices.get("model")},
+        quantizer={"name": choices.get("quantizer")},
+        overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
+        seed=seed if isinstance(seed, int) else 0,
+        error={"type": "Incomplete", "message": "no result.json: the run was killed, crashed hard or is still running",
+               "traceback": None},
+    )
+
+
+def collect(root: Path) -> list[RunRecord]:
+    """All run records below ``root`` (recursive), sorted by (experiment, started_at).
+
+    Unreadable or invalid ``result.json`` files are skipped with a warning naming the file. A
+    directory with ``.hydra/`` but no ``result.json`` yields a ``status="incomplete"`` record whose
+    model/quantizer come from Hydra's config-group choices (YAML names, e.g. ``bnb_nf4``).
+    """
+    root = Path(root)
+    records: list[RunRecord] = []
+    for path in sorted(root.rglob(RESULT_FILE)):
+        if not path.is_file():
+            continue
+        try:
+            records.append(read_record(path))
+        except DataError as exc:
+            logger.warning("skipping unreadable run record: %s", exc)
+    for hydra_dir in sorted(root.rglob(".hydra")):
+        run_dir = hydra_dir.parent
+        if hydra_dir.is_dir() and not (run_dir / RESULT_FILE).exists():
+            records.append(_incomplete_record(run_dir, root))
+    records.sort(key=lambda r: (r.experiment or "", r.started_at or "", r.run_id or ""))
+    return records
+
+
+def to_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
+    """One row per record (:meth:`RunRecord.flat`), columns in first-seen order."""
+    return pd.DataFrame.from_records([r.flat() for r in records])
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Metric columns of a flat frame: every column whose name contains ``/``, sorted."""
+    return sorted(c for c in df.columns if "/" in str(c))
+
+
+def _select_metrics(df: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
+    available = metric_columns(df)
+    if metrics is None:
+        return available
+    chosen: list[str] = []
+    unknown: list[str] = []
+    for m in metrics:
+        hits = [c for c in available if c == m or c.startswith(m.rstrip("/") + "/")]
+        if not hits:
+            unknown.append(m)
+        chosen.extend(h for h in hits if h not in chosen)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {available}")
+    return chosen
+
+
+def summary_table(df: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """The comparison table.
+
+    Columns: experiment, model, quantizer, format, bits_per_weight, seed, the metric columns
+    (``metrics`` if given, each an exact name or a prefix such as ``ppl``; default: all), then
+    quant_time_s, wall_s, peak_rss_gb, status, run_id. Rows are sorted by experiment, model,
+    quantizer (``none`` first), format, seed, run_id.
+
+    Raises:
+        ValueError: a requested metric matches no column.
+    """
+    cols = [*ID_COLUMNS, *_select_metrics(df, metrics), *TAIL_COLUMNS]
+    out = df.reindex(columns=cols)
+    if out.empty:
+        return out.reset_index(drop=True)
+    order = out.assign(_not_none=out["quantizer"] != "none")
+    order = order.sort_values(
+        ["experiment", "model", "_not_none", "quantizer", "format", "seed", "run_id"],
+        na_position="last",
+        kind="stable",
+    )
+    return order.drop(columns="_not_none").reset_index(drop=True)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def format_cell(column: str, value: Any) -> str:
+    """Display string of one cell: metrics 4 decimals, times 1 decimal, GiB 2 decimals, bits/weight exact."""
+    if _is_missing(value):
+        return MISSING
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if math.isinf(v):
+            return str(v)
+        if column in _TIME_COLUMNS:
+            return f"{v:.1f}"
+        if column in _GB_COLUMNS:
+            return f"{v:.2f}"
+        if column == "bits_per_weight":
+            return f"{v:.8f}".rstrip("0").rstrip(".")  # exact for power-of-two group sizes
+        if "/" in column:
+            return f"{v:.4e}" if abs(v) >= 1e6 else f"{v:.4f}"
+        if v.is_integer():
+            return str(int(v))
+        return f"{v:.4g}"
+    return str(value)
+
+
+def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(experiment, rows) per experiment; metric columns that are empty in that experiment are dropped."""
+    for name, sub in summary.groupby(summary["experiment"].fillna(""), sort=False, dropna=False):
+        empty = [c for c in metric_columns(sub) if sub[c].isna().all()]
+        yield str(name), sub.drop(columns=["experiment", *empty])
+
+
+def _caption(rows: pd.DataFrame) -> str:
+    counts = rows["status"].fillna("?").value_counts()
+    parts = [f"{n} {status}" for status, n in counts.items()]
+    return f"{len(rows)} run(s): " + ", ".join(parts)
+
+
+def _is_numeric(col: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+
+
+def render_markdown(rows: pd.DataFrame) -> str:
+    """GitHub-flavoured markdown table of ``rows`` (numeric columns right-aligned)."""
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    cols = [str(c) for c in rows.columns]
+    lines = ["| " + " | ".join(esc(c) for c in cols) + " |",
+             "|" + "|".join("---:" if _is_numeric(rows[c]) else "---" for c in cols) + "|"]
+    for rec in rows.itertuples(index=False, name=None):
+        lines.append("| " + " | ".join(esc(format_cell(c, v)) for c, v in zip(cols, rec)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_report(summary: pd.DataFrame) -> str:
+    parts = ["# quantlab report\n"]
+    for name, rows in _experiment_tables(summary):
+        parts += [f"\n## {name or '(no experiment)'}\n", f"\n{_caption(rows)}\n\n", render_markdown(rows)]
+    parts.append("\n`peak_rss_gb` is the peak RSS of the whole process (in a multirun it includes earlier jobs).\n")
+    return "".join(parts)
+
+
+def _rich_table(name: str, rows: pd.DataFrame):
+    """(table, natural width): the width at which no column is squeezed, folded or cropped."""
+    from rich.table import Table
+
+    table = Table(title=name or "(no experiment)", caption=_caption(rows))
+    cells = {c: [format_cell(str(c), v) for v in rows[c]] for c in rows.columns}
+    width = 1
+    for c in rows.columns:
+        col_w = max([len(str(c)), *(len(s) for s in cells[c])])
+        width += col_w + 3  # padding (2) + border (1)
+        table.add_column(str(c), justify="right" if _is_numeric(rows[c]) else "left", no_wrap=True)
+    statuses = list(rows["status"]) if "status" in rows else [None] * len(rows)
+    for i, status in enumerate(statuses):
+        table.add_row(*(cells[c][i] for c in rows.columns), style=_STATUS_STYLE.get(status))
+    return table, width
+
+
+def print_tables(summary: pd.DataFrame, console=None) -> None:
+    """Print one rich table per experiment of a :func:`summary_table` frame."""
+    from rich.console import Console
+
+    console = console or Console()
+    for name, rows in _experiment_tables(summary):
+        table, width = _rich_table(name, rows)
+        # Print at the table's natural width even on a narrow/non-tty console: rich would otherwise
+        # squeeze or crop columns, and a cropped status or metric column is worse than a long line.
+        saved = console.width
+        console.width = max(width, saved)
+        try:
+            console.print(table, crop=False)
+        finally:
+            console.width = saved
+
+
+def print_summary(root: Path, console=None, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Collect the records below ``root`` (a run dir or a sweep dir) and print their tables.
+
+    Returns:
+        The summary frame (empty when ``root`` holds no records; nothing is printed then).
+    """
+    df = to_frame(collect(Path(root)))
+    if df.empty:
+        logger.info("no run records below %s", root)
+        return df
+    summary = summary_table(df, metrics)
+    print_tables(summary, console)
+    return summary
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> bool:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        return True
+    except (ValueError, TypeError, NotImplementedError) as exc:  # pyarrow type conversion problems
+        logger.warning("report.parquet not written (%s: %s); report.csv has the same rows", type(exc).__name__, exc)
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None = None) -> list[Path]:
+    """Write ``report.csv`` (full flat frame), ``report.md`` (summary) and ``report.parquet`` (if pyarrow).
+
+    Returns:
+        The paths actually written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.csv", out_dir / "report.md"]
+    write_text_atomic(written[0], df.to_csv(index=False))
+    write_text_atomic(written[1], _markdown_report(summary_table(df, metrics)))
+    if importlib.util.find_spec("pyarrow") is not None and _write_parquet(df, out_dir / "report.parquet"):
+        written.append(out_dir / "report.parquet")
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quantlab.report", description=__doc__.split("\n")[0])
+    p.add_argument("dir", nargs="?", default="results", help="directory searched for result.json (default: results)")
+    p.add_argument("--out", default=None, help="where report.{csv,md,parquet} go (default: DIR)")
+    p.add_argument("--experiment", default=None, help="only this experiment")
+    p.add_argument("--metrics", default=None, help="comma-separated metric names or prefixes (default: all)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry; returns the exit code (0 ok, 1 no records, 2 bad ``--metrics``)."""
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    root = Path(args.dir)
+    records = collect(root) if root.is_dir() else []
+    if args.experiment is not None:
+        records = [r for r in records if r.experiment == args.experiment]
+    if not records:
+        what = f" for experiment {args.experiment!r}" if args.experiment is not None else ""
+        sys.stderr.write(f"quantlab.report: no run records{what} under {root}\n")
+        return 1
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    df = to_frame(records)
+    try:
+        summary = summary_table(df, metrics)
+    except ValueError as exc:
+        sys.stderr.write(f"quantlab.report: --metrics: {exc}\n")
+        return 2
+    console = Console()
+    print_tables(summary, console)
+    for path in write_outputs(df, Path(args.out) if args.out else root, metrics):
+        console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+    return 0
