@@ -15,6 +15,7 @@ Parameter choice (``choose_qparams``):
     an all-zero group gets [-1, 1]; s = (xmax - xmin) / maxq, z = round(-xmin / s)
   * symmetric (restricted range, no clipping): s = max|w| / (2^(b-1) - 1), z = 2^(b-1)
     (the all-zero group gets s = 1).
+  Groups whose scale underflows to 0 (subnormal weights) are treated like all-zero groups.
 
 All math runs in float32 (float64 inputs stay float64) and results are cast back by callers.
 """
@@ -54,8 +55,9 @@ def choose_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, tor
     maxq = fmt.maxq
     if fmt.symmetric:
         qpos = 2 ** (fmt.bits - 1) - 1
-        amax = wg.abs().amax(dim=-1)
-        scale = torch.where(amax > 0, amax / qpos, torch.ones_like(amax))
+        scale = wg.abs().amax(dim=-1) / qpos
+        # all-zero groups (and subnormal ones whose scale underflows to 0) get s = 1: codes z, values 0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, float(2 ** (fmt.bits - 1)))
         return scale, zero
     wmin = wg.amin(dim=-1)
@@ -67,6 +69,10 @@ def choose_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, tor
         wmin = torch.where(both_zero, -torch.ones_like(wmin), wmin)
         wmax = torch.where(both_zero, torch.ones_like(wmax), wmax)
         scale = (wmax - wmin) / maxq
+        # a range so small that s underflows to 0 (subnormal weights) is treated like an all-zero group
+        tiny = scale == 0
+        wmin = torch.where(tiny, -torch.ones_like(wmin), wmin)
+        scale = torch.where(tiny, torch.full_like(scale, 2.0 / maxq), scale)
         zero = torch.round(-wmin / scale)
     else:
         scale = (wmax - wmin).clamp(min=AWQ_MIN_RANGE) / maxq

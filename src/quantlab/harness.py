@@ -1,0 +1,147 @@
+"""One run, on typed objects only: load -> (calibrate) -> quantize -> evaluate -> facts for the record.
+
+:mod:`quantlab.pipeline` turns the Hydra config into a :class:`RunSpec` and owns records and error
+handling; this module never sees Hydra.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantlab.calib.datasets import CalibConfig, build_calib
+from quantlab.errors import ConfigError
+from quantlab.evals.base import Evaluator
+from quantlab.models.loaders import LoadedModel, ModelConfig, load_model
+from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer
+from quantlab.tracking.env import peak_memory, reset_peak_cuda
+from quantlab.tracking.record import write_table
+from quantlab.types import CalibData, EvalResult, RunContext
+from quantlab.utils.torch_utils import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs, as typed objects.
+
+    Attributes:
+        model: which model to load.
+        quantizer: the method's config (its type selects the quantizer class).
+        calib: calibration set; built only if the quantizer or an evaluator needs it.
+        evals: evaluators, run in order on the quantized model.
+        seed: seeds every RNG before loading.
+        save_artifacts: write the quantizer's artifacts to ``artifacts.safetensors``.
+    """
+
+    model: ModelConfig
+    quantizer: QuantizerConfig
+    calib: CalibConfig | None = None
+    evals: tuple[Evaluator, ...] = ()
+    seed: int = 0
+    save_artifacts: bool = False
+
+
+@dataclass
+class RunOutcome:
+    """Facts gathered while running; the pipeline copies them into the run record."""
+
+    model_info: dict[str, Any] = field(default_factory=dict)
+    quantizer_name: str = ""
+    format: dict[str, Any] | None = None
+    bits_per_weight: float | None = None
+    calib: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    quant_summary: dict[str, Any] = field(default_factory=dict)
+    quant_time_s: float | None = None
+    peak_memory: dict[str, Any] = field(default_factory=dict)
+
+
+def weighted_bits_per_weight(quantizer: Quantizer, model: nn.Module, layers: list[str]) -> float | None:
+    """Storage bits per weight over the quantized Linears (weighted by their weight counts)."""
+    fmt = quantizer.format
+    if fmt is None or not layers:
+        return None
+    total = bits = 0.0
+    for name in layers:
+        mod = model.get_submodule(name)
+        n = mod.weight.numel()
+        total += n
+        bits += n * fmt.bits_per_weight(mod.in_features)
+    return bits / total
+
+
+def _snapshot_weights(quantizer: Quantizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the selected Linears' weights (for layer diagnostics; costs one model's memory)."""
+    return {name: mod.weight.detach().to("cpu", copy=True) for name, mod in quantizer.target_linears(model)}
+
+
+def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) -> None:
+    for key, value in res.metrics.items():
+        if key in out.metrics:
+            raise ConfigError("eval", f"two evaluators produce metric {key!r}; give them different names")
+        out.metrics[key] = value
+        out.provenance[key] = {**res.provenance.get(key, {}), "evaluator": ev.kind, "eval_wall_s": round(wall_s, 3)}
+    for name, rows in res.tables.items():
+        out.tables[name] = rows
+
+
+def execute(spec: RunSpec, output_dir: Path) -> RunOutcome:
+    """Run one experiment described by ``spec``; files go below ``output_dir``."""
+    out = RunOutcome()
+    seed_everything(spec.seed)
+    quantizer = build_quantizer(spec.quantizer)
+    out.quantizer_name = quantizer.name
+    loaded: LoadedModel = load_model(spec.model)
+    model, tok = loaded.model, loaded.tokenizer
+    out.model_info = loaded.info
+    quantizer.validate(model)
+
+    quantizes = not quantizer.is_identity
+    needs_calib = quantizer.requires_calibration or (quantizes and any(e.requires_calibration for e in spec.evals))
+    calib: CalibData | None = None
+    if needs_calib:
+        if spec.calib is None:
+            raise ConfigError("calib", f"quantizer {quantizer.name!r} or an evaluator needs calibration data")
+        calib = build_calib(spec.calib, tok, vocab_size=getattr(model.config, "vocab_size", None))
+        out.calib = calib.describe()
+    fp_weights = _snapshot_weights(quantizer, model) if quantizes and any(e.requires_fp_weights for e in spec.evals) else None
+    ctx = RunContext(device=loaded.device, seed=spec.seed, output_dir=output_dir, tokenizer=tok, calib=calib)
+
+    reset_peak_cuda()
+    t0 = time.perf_counter()
+    result = quantizer.quantize(model, calib, ctx)
+    out.quant_time_s = round(time.perf_counter() - t0, 3)
+    model = result.model
+    out.quant_summary = dict(result.summary)
+    if quantizer.format is not None:
+        out.format = {**quantizer.format.to_dict(), "short_name": quantizer.format.short_name()}
+        out.bits_per_weight = weighted_bits_per_weight(quantizer, model, result.quantized_layers)
+    log.info("quantizer %s done in %.2fs (%d layers)", quantizer.name, out.quant_time_s, len(result.quantized_layers))
+    if spec.save_artifacts and result.artifacts:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in result.artifacts.items()}, str(output_dir / "artifacts.safetensors"))
+
+    if fp_weights is not None:
+        ctx.fp_weights = {k: v for k, v in fp_weights.items() if k in set(result.quantized_layers)}
+    for ev in spec.evals:
+        t1 = time.perf_counter()
+        res = ev.run(model, tok, ctx)
+        _merge_eval(out, ev, res, time.perf_counter() - t1)
+    note = out.model_info.get("note")
+    if note:  # e.g. the demo model's "fp" weights are dequantized Q4_1: say so next to every number
+        for prov in out.provenance.values():
+            prov["model_note"] = note
+    for name, rows in out.tables.items():
+        write_table(rows, output_dir, name)
+    out.peak_memory = peak_memory()
+    return out

@@ -1,0 +1,58 @@
+"""Shared fixtures: offline environment, the tiny model, Hydra composition, CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# Tests never touch the network: hub lookups fail fast instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny():
+    """(model, tokenizer) of the seeded in-code tiny Llama (float32)."""
+    from quantlab.models.tiny import build_tiny_llama
+
+    return build_tiny_llama()
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose the primary config with ``overrides`` (Hydra compose API, no run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m quantlab ARGS`` in ``cwd`` with results under ``cwd/results``."""
+    env = {**os.environ, "QUANTLAB_RESULTS": str(cwd / "results"), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "quantlab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

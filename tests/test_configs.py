@@ -1,0 +1,83 @@
+"""Every config file composes and builds typed objects; registries and conf/ agree."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import CONF, compose
+from quantlab.pipeline import build_spec
+from quantlab.quantizers.base import QUANTIZERS, quantizer_class
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+QUANTIZER_FILES = sorted(p.stem for p in (CONF / "quantizer").glob("*.yaml"))
+FORMATS = sorted(p.stem for p in (CONF / "quantizer" / "format").glob("*.yaml"))
+CALIBS = sorted(p.stem for p in (CONF / "calib").glob("*.yaml"))
+EVALS = sorted(p.stem for p in (CONF / "eval").glob("*.yaml"))
+LOGGERS = sorted(p.stem for p in (CONF / "logger").glob("*.yaml"))
+EXPS = sorted(p.stem for p in (CONF / "exp").glob("*.yaml"))
+
+
+def test_groups_are_not_empty():
+    for group in (MODELS, QUANTIZER_FILES, FORMATS, CALIBS, EVALS, LOGGERS, EXPS):
+        assert group, "a config group has no files"
+
+
+def test_default_config_builds():
+    cfg = compose()
+    spec = build_spec(cfg)
+    assert spec.model.name == "smollm2_135m"
+    # SmolLM2 hidden size 576 is not divisible by 128: the default format is w4 g64
+    assert spec.quantizer.format.group_size == 64 and spec.quantizer.format.bits == 4
+    assert {e.kind for e in spec.evals} == {"perplexity", "layer_error"}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_configs_build(model):
+    spec = build_spec(compose([f"model={model}"]))
+    assert spec.model.name == model
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZER_FILES)
+def test_quantizer_configs_build(quantizer):
+    spec = build_spec(compose([f"quantizer={quantizer}"]))
+    name = quantizer_class(spec.quantizer).name
+    assert quantizer == name or quantizer.startswith(name + "_"), "YAML stem must be <name> or <name>_<variant>"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_format_configs_build(fmt):
+    spec = build_spec(compose(["quantizer=rtn", f"quantizer/format={fmt}"]))
+    raw = yaml.safe_load((CONF / "quantizer" / "format" / f"{fmt}.yaml").read_text())
+    assert spec.quantizer.format.bits == raw["bits"] and spec.quantizer.format.group_size == raw["group_size"]
+
+
+@pytest.mark.parametrize("calib", CALIBS)
+def test_calib_configs_build(calib):
+    spec = build_spec(compose([f"calib={calib}"]))
+    assert spec.calib is not None and spec.calib.seqlen > 1
+
+
+@pytest.mark.parametrize("ev", EVALS)
+def test_eval_configs_build(ev):
+    spec = build_spec(compose([f"eval=[{ev}]"]))
+    assert len(spec.evals) == 1 and spec.evals[0].name
+
+
+@pytest.mark.parametrize("logger", LOGGERS)
+def test_logger_configs_build(logger):
+    cfg = compose([f"logger={logger}"])
+    from hydra.utils import instantiate
+
+    assert instantiate(cfg.logger).kind == logger
+
+
+@pytest.mark.parametrize("exp", EXPS)
+def test_exp_presets_build(exp):
+    cfg = compose([f"+exp={exp}"])
+    assert cfg.experiment == exp, "every preset names its experiment after its file"
+    build_spec(cfg)
+
+
+def test_every_registered_quantizer_has_a_yaml():
+    for name in QUANTIZERS.names():
+        assert name in QUANTIZER_FILES or any(f.startswith(name + "_") for f in QUANTIZER_FILES), name
