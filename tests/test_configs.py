@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import CONF, compose
+
 from quantlab.pipeline import build_spec
 from quantlab.quantizers.base import QUANTIZERS, quantizer_class
 

@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import CONF
 from hydra.utils import instantiate
 
-from conftest import CONF
 from quantlab.calib.datasets import CalibConfig, build_calib
 from quantlab.data.text import (
     STDLIB_CORPUS,

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import CONF
 from hydra.utils import instantiate
 
-from conftest import CONF
 from quantlab.errors import ConfigError, DataError, QuantlabError
 from quantlab.evals.base import EVALUATORS
 from quantlab.evals.perplexity import PerplexityEval, nll_of_window, windows_gptq, windows_strided

@@ -10,7 +10,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -306,7 +305,6 @@ def _wandb_records(path: Path):
 
 def test_wandb_tracker_offline_writes_summary_table_and_exit_code(tmp_path):
     pytest.importorskip("wandb")
-    t0 = time.perf_counter()
     tracker = make_tracker(LoggerConfig(kind="wandb", mode="offline", dir=str(tmp_path), tags=("ci",)))
     rec_ok = make_record(run_id="20260101-120000-aaaaaa")
     tracker.start(run_id=rec_ok.run_id, experiment="w4_methods", quantizer="rtn",
@@ -320,7 +318,6 @@ def test_wandb_tracker_offline_writes_summary_table_and_exit_code(tmp_path):
                   output_dir=tmp_path, tags=[])
     tracker.log_result(rec_bad, {})
     tracker.finish(ok=False)
-    elapsed = time.perf_counter() - t0
 
     runs = {}
     for rid in (rec_ok.run_id, rec_bad.run_id):
@@ -346,4 +343,3 @@ def test_wandb_tracker_offline_writes_summary_table_and_exit_code(tmp_path):
     assert json.loads(table_file.read_text()) == {"columns": ["layer", "mse"], "data": [["l0", 0.1], ["l1", None]]}
     exits = {rid: [r.exit.exit_code for r in rs if r.WhichOneof("record_type") == "exit"] for rid, rs in runs.items()}
     assert exits == {rec_ok.run_id: [0], rec_bad.run_id: [1]}
-    assert elapsed < 10, f"two offline W&B runs took {elapsed:.1f}s"  # measured ~2.3 s on 2 CPU cores

@@ -28,8 +28,8 @@ from quantlab.tracking.wandb_logger import LoggerConfig, Tracker, make_tracker
 log = logging.getLogger(__name__)
 
 # importing these packages registers the built-in quantizers and evaluators
-import quantlab.evals  # noqa: E402,F401
-import quantlab.quantizers  # noqa: E402,F401
+import quantlab.evals
+import quantlab.quantizers  # noqa: F401
 
 
 def _build(node: Any, key: str, expected: type) -> Any:

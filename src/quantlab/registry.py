@@ -1,7 +1,8 @@
 """A tiny name -> object registry used for quantizers and evaluators."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from quantlab.errors import ConfigError
 

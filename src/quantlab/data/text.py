@@ -213,7 +213,7 @@ def load_hub_texts(
         else:
             ds = datasets.load_dataset("mit-han-lab/pile-val-backup", split="validation")
         texts = list(ds["text"])
-    except Exception as exc:  # noqa: BLE001 - any failure becomes one actionable line
+    except Exception as exc:
         raise DataError(
             f"cannot load dataset {_HUB_IDS[name]} split '{split}' from the Hugging Face Hub: "
             f"{_short_reason(exc)}. {hint}"

@@ -19,7 +19,7 @@ from torch import nn
 from quantlab.registry import Registry
 from quantlab.types import EvalResult, RunContext
 
-EVALUATORS: Registry[type["Evaluator"]] = Registry("eval")
+EVALUATORS: Registry[type[Evaluator]] = Registry("eval")
 
 
 @dataclass(frozen=True)

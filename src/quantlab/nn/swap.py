@@ -1,8 +1,8 @@
 """Selecting the Linear layers a quantizer acts on, by fully-qualified module name."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
-from typing import Iterable, Iterator
 
 from torch import nn
 

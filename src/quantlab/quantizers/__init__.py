@@ -1,5 +1,11 @@
 """Quantization methods. Importing this package registers every built-in method."""
 from quantlab.quantizers import none, rtn  # noqa: F401  (registration side effect)
-from quantlab.quantizers.base import QUANTIZERS, Quantizer, QuantizerConfig, build_quantizer, register_quantizer
+from quantlab.quantizers.base import (
+    QUANTIZERS,
+    Quantizer,
+    QuantizerConfig,
+    build_quantizer,
+    register_quantizer,
+)
 
 __all__ = ["QUANTIZERS", "Quantizer", "QuantizerConfig", "build_quantizer", "register_quantizer"]

@@ -22,7 +22,7 @@ from quantlab.nn.swap import iter_linears
 from quantlab.registry import Registry
 from quantlab.types import CalibData, QuantResult, RunContext
 
-QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer")
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
 
 def _as_tuple(value: Any, key: str) -> tuple[str, ...]:
@@ -127,7 +127,7 @@ def register_quantizer(name: str, config_cls: type[QuantizerConfig]):
 
 def quantizer_class(config: QuantizerConfig) -> type[Quantizer]:
     """The registered quantizer class whose ``config_cls`` is ``type(config)``."""
-    for _, cls in QUANTIZERS.items():
+    for _name, cls in QUANTIZERS.items():
         if type(config) is cls.config_cls:
             return cls
     raise ConfigError("quantizer", f"no quantizer is registered for config type {type(config).__name__}")

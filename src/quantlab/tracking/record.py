@@ -173,6 +173,7 @@ class RunRecord:
             "calib.seed": calib.get("seed"),
             "calib.sha256": calib.get("sha256"),
             "model.revision": model.get("revision"),
+            "model_note": model.get("note") or None,
             "model.dtype": model.get("dtype"),
             "device": model.get("device") or env.get("device"),
             "gpu_name": env.get("gpu_name"),

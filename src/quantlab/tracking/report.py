@@ -31,7 +31,7 @@ from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record, write_
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ("experiment", "model", "quantizer", "format", "bits_per_weight", "seed")
-TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id")
+TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note")
 _TIME_COLUMNS = ("quant_time_s", "wall_s")
 _GB_COLUMNS = ("peak_rss_gb", "peak_cuda_gb")
 _STATUS_STYLE = {"failed": "red", "incomplete": "yellow"}
@@ -184,11 +184,23 @@ def format_cell(column: str, value: Any) -> str:
     return str(value)
 
 
-def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(experiment, rows) per experiment; metric columns that are empty in that experiment are dropped."""
+def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame, list[str]]]:
+    """(experiment, rows, notes) per experiment, for printing.
+
+    Metric columns that are empty in that experiment are dropped, and so are ``seed`` when every row
+    has the same seed and ``run_id`` (both stay in report.csv). Model caveats (e.g. the demo model's
+    dequantized-GGUF "fp" weights) become footnotes: ``"<model>: <note>"``.
+    """
     for name, sub in summary.groupby(summary["experiment"].fillna(""), sort=False, dropna=False):
         empty = [c for c in metric_columns(sub) if sub[c].isna().all()]
-        yield str(name), sub.drop(columns=["experiment", *empty])
+        quiet = [c for c in ("run_id", "model_note") if c in sub]
+        if "seed" in sub and sub["seed"].nunique() <= 1:
+            quiet.append("seed")
+        notes: list[str] = []
+        if "model_note" in sub:
+            pairs = sub[["model", "model_note"]].dropna().drop_duplicates()
+            notes = [f"{m}: {n}" for m, n in pairs.itertuples(index=False, name=None)]
+        yield str(name), sub.drop(columns=["experiment", *empty, *quiet]), notes
 
 
 def _caption(rows: pd.DataFrame) -> str:
@@ -216,8 +228,9 @@ def render_markdown(rows: pd.DataFrame) -> str:
 
 def _markdown_report(summary: pd.DataFrame) -> str:
     parts = ["# quantlab report\n"]
-    for name, rows in _experiment_tables(summary):
+    for name, rows, notes in _experiment_tables(summary):
         parts += [f"\n## {name or '(no experiment)'}\n", f"\n{_caption(rows)}\n\n", render_markdown(rows)]
+        parts += [f"\nNote ({n})\n" for n in notes]
     parts.append("\n`peak_rss_gb` is the peak RSS of the whole process (in a multirun it includes earlier jobs).\n")
     return "".join(parts)
 
@@ -244,7 +257,7 @@ def print_tables(summary: pd.DataFrame, console=None) -> None:
     from rich.console import Console
 
     console = console or Console()
-    for name, rows in _experiment_tables(summary):
+    for name, rows, notes in _experiment_tables(summary):
         table, width = _rich_table(name, rows)
         # Print at the table's natural width even on a narrow/non-tty console: rich would otherwise
         # squeeze or crop columns, and a cropped status or metric column is worse than a long line.
@@ -252,6 +265,8 @@ def print_tables(summary: pd.DataFrame, console=None) -> None:
         console.width = max(width, saved)
         try:
             console.print(table, crop=False)
+            for note in notes:
+                console.print(f"note ({note})", soft_wrap=True)
         finally:
             console.width = saved
 
