@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import CONF, run_cli
+
+QUANTIZERS = sorted(p.stem for p in (CONF / "quantizer").glob("*.yaml"))
 
 
 def _records(root: Path) -> list[dict]:
@@ -42,6 +44,24 @@ def test_multirun_writes_one_record_per_job(tmp_path):
     got = sorted((r["quantizer"]["name"], (r["format"] or {}).get("group_size")) for r in recs)
     assert got == [("none", None), ("none", None), ("rtn", 32), ("rtn", 64)]
     assert len({r["output_dir"] for r in recs}) == 4
+
+
+def test_every_quantizer_runs_end_to_end(tmp_path):
+    """One multirun over every conf/quantizer/*.yaml on the tiny model (new methods are covered automatically)."""
+    proc = run_cli(["-m", "+exp=demo_tiny", f"quantizer={','.join(QUANTIZERS)}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _records(tmp_path / "results")
+    assert sorted(r["quantizer"]["choices"]["quantizer"] for r in recs) == QUANTIZERS
+    for r in recs:
+        assert r["status"] == "ok", r["error"]
+        assert r["metrics"]["ppl/local_stdlib"] > 1 and r["quant_time_s"] is not None
+
+
+def test_hub_model_offline_is_one_clear_line(tmp_path):
+    proc = run_cli(["+exp=demo_tiny", "quantizer=rtn", "model=llama2_7b", "model.device=cpu"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "error:" in ln)
+    assert "meta-llama/Llama-2-7b-hf" in line and "model.path=" in line
 
 
 @pytest.mark.parametrize(

@@ -94,9 +94,13 @@ def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) 
         out.tables[name] = rows
 
 
-def execute(spec: RunSpec, output_dir: Path) -> RunOutcome:
-    """Run one experiment described by ``spec``; files go below ``output_dir``."""
-    out = RunOutcome()
+def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> RunOutcome:
+    """Run one experiment described by ``spec``; files go below ``output_dir``.
+
+    Facts are written into ``out`` as they become known, so a caller that passes its own
+    :class:`RunOutcome` keeps them (model, calibration, ...) even when a later step raises.
+    """
+    out = out if out is not None else RunOutcome()
     seed_everything(spec.seed)
     quantizer = build_quantizer(spec.quantizer)
     out.quantizer_name = quantizer.name

@@ -129,7 +129,7 @@ def run(
             output_dir=output_dir,
             tags=record.tags,
         )
-        out = execute(spec, output_dir)
+        execute(spec, output_dir, out)
         _fill(record, out)
         record.status = "ok"
     except BaseException as e:
