@@ -210,3 +210,19 @@ def test_c4_gptq_doc_windows(tok, monkeypatch):
         assert any(tok.decode(row.tolist()) in d for d in docs if len(d) > 32)
     with pytest.raises(DataError, match="no document has more than seqlen=400"):
         build_calib(CalibConfig(source="c4", split="train", n_samples=1, seqlen=400), tok)
+
+
+def test_calibration_corpus_is_disjoint_from_evaluation_corpus():
+    from quantlab.data.text import STDLIB_CALIB_CORPUS, read_texts
+
+    assert not set(STDLIB_CALIB_CORPUS) & set(STDLIB_CORPUS)
+    calib_paths = resolve_paths("stdlib_calib", "calib.path")
+    assert len(calib_paths) == len(STDLIB_CALIB_CORPUS) and all(p.is_file() for p in calib_paths)
+    assert len("".join(read_texts(calib_paths, "calib.path"))) > 100_000  # enough for 16 x 512 tokens
+    # the shipped defaults use them that way round
+    import yaml
+
+    from conftest import CONF
+
+    assert yaml.safe_load((CONF / "calib" / "local_stdlib.yaml").read_text())["path"] == "stdlib_calib"
+    assert yaml.safe_load((CONF / "eval" / "ppl_local.yaml").read_text())["ppl_local"]["path"] == "stdlib"

