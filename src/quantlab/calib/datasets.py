@@ -1,7 +1,7 @@
 """Calibration sets: a fixed, hashed (n_samples, seqlen) token tensor built from a config.
 
 Sources: ``humaneval`` (the 164 HumanEval prompts; SmoothQuant+'s calibration set), ``local``
-(files, a directory, a glob or the offline ``stdlib`` corpus), ``wikitext2``, ``c4``, ``pile`` (Hub
+(files, a directory, a glob or the offline ``stdlib_calib`` corpus, disjoint from the ``stdlib`` evaluation corpus), ``wikitext2``, ``c4``, ``pile`` (Hub
 datasets used by GPTQ / AWQ / SmoothQuant) and ``random`` (uniform token ids, for tests).
 
 Sampling schemes:
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 SOURCES: tuple[str, ...] = ("humaneval", "local", "wikitext2", "c4", "pile", "random")
 SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks")
-_OFFLINE_HINT = "Offline? Use calib.source=local calib.path=/some/*.txt (or calib.path=stdlib)"
+_OFFLINE_HINT = "Offline? Use calib.source=local calib.path=/some/*.txt (or calib.path=stdlib_calib)"
 
 
 def _is_int(v: Any) -> bool:
@@ -62,7 +62,7 @@ class CalibConfig:
         n_samples: rows of the tensor; ``-1`` = every chunk available (``sampling="chunks"`` only).
         seqlen: tokens per row (>= 2).
         seed: seeds window offsets / document order / random ids (never the global RNG).
-        path: ``local`` only: a file, directory, glob or ``"stdlib"``. Ignored (with a warning) for
+        path: ``local`` only: a file, directory, glob, ``"stdlib_calib"`` or ``"stdlib"``. Ignored (with a warning) for
             other sources.
         split: dataset split for hub sources (``wikitext2``: train/validation/test; ``c4``:
             train/validation; ``pile``: validation); ignored otherwise.
@@ -100,7 +100,9 @@ class CalibConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError("calib.seed", f"must be a non-negative integer, got {self.seed!r}")
         if self.source == "local" and (not isinstance(self.path, str) or not self.path.strip()):
-            raise ConfigError("calib.path", "calib.source=local needs a file, directory, glob or 'stdlib'")
+            raise ConfigError(
+                "calib.path", "calib.source=local needs a file, directory, glob, 'stdlib_calib' or 'stdlib'"
+            )
         if self.path is not None and not isinstance(self.path, str):
             raise ConfigError("calib.path", f"must be a string, got {self.path!r}")
         if self.source in HUB_SPLITS and self.split not in HUB_SPLITS[self.source]:
