@@ -109,7 +109,7 @@ def run(
         overrides=list(overrides or []),
         tags=[str(t) for t in cfg.get("tags") or []],
         seed=int(cfg.get("seed", 0)),
-        quantizer={"name": str(choices.get("quantizer") or "")},
+        quantizer={"name": str(choices.get("quantizer") or ""), "choices": choices},
     )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     write_json_atomic(output_dir / "config_resolved.json", resolved)
@@ -117,7 +117,7 @@ def run(
     out = RunOutcome()
     try:
         spec = build_spec(cfg)
-        record.quantizer = {"name": "", "config": spec.quantizer.to_dict(), "choices": choices}
+        record.quantizer["config"] = spec.quantizer.to_dict()
         logger_cfg = _build(cfg.get("logger"), "logger", LoggerConfig) or LoggerConfig()
         tracker = make_tracker(logger_cfg)
         record.quantizer["name"] = quantizer_class(spec.quantizer).name
