@@ -41,16 +41,13 @@ from quantlab.data.text import (
 )
 from quantlab.errors import ConfigError, DataError
 from quantlab.types import CalibData, tokens_sha256
+from quantlab.utils.checks import is_int
 
 log = logging.getLogger(__name__)
 
 SOURCES: tuple[str, ...] = ("humaneval", "local", "wikitext2", "c4", "pile", "random")
 SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks")
 _OFFLINE_HINT = "Offline? Use calib.source=local calib.path=/some/*.txt (or calib.path=stdlib_calib)"
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,7 @@ class CalibConfig:
             raise ConfigError(
                 "calib.sampling", f"unknown sampling {self.sampling!r}; use one of {', '.join(SAMPLINGS)}"
             )
-        if not _is_int(self.n_samples) or self.n_samples == 0 or self.n_samples < -1:
+        if not is_int(self.n_samples) or self.n_samples == 0 or self.n_samples < -1:
             raise ConfigError(
                 "calib.n_samples", f"must be a positive integer or -1 (all chunks), got {self.n_samples!r}"
             )
@@ -95,9 +92,9 @@ class CalibConfig:
                 "calib.n_samples",
                 "-1 (every chunk) needs calib.sampling=chunks and a text source; give a positive count",
             )
-        if not _is_int(self.seqlen) or self.seqlen < 2:
+        if not is_int(self.seqlen) or self.seqlen < 2:
             raise ConfigError("calib.seqlen", f"must be an integer >= 2, got {self.seqlen!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ConfigError("calib.seed", f"must be a non-negative integer, got {self.seed!r}")
         if self.source == "local" and (not isinstance(self.path, str) or not self.path.strip()):
             raise ConfigError(

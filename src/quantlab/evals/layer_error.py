@@ -40,6 +40,7 @@ from torch import nn
 from quantlab.errors import ConfigError, QuantlabError
 from quantlab.evals.base import Evaluator, register_evaluator
 from quantlab.types import EvalResult, RunContext
+from quantlab.utils.checks import is_int
 from quantlab.utils.torch_utils import model_device
 
 log = logging.getLogger(__name__)
@@ -176,10 +177,10 @@ class LayerErrorEval(Evaluator):
     def __post_init__(self) -> None:
         key = f"eval.{self.name or 'layer_error'}"
         m = self.max_samples
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        if m is not None and (not is_int(m) or m < 1):
             raise ConfigError(f"{key}.max_samples", f"must be null (all rows) or an integer >= 1, got {m!r}")
         b = self.batch_size
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        if not is_int(b) or b < 1:
             raise ConfigError(f"{key}.batch_size", f"must be an integer >= 1, got {b!r}")
 
     def run(self, model: nn.Module, tokenizer: Any, ctx: RunContext) -> EvalResult:

@@ -36,6 +36,7 @@ from quantlab.data.text import (
 from quantlab.errors import ConfigError, DataError, QuantlabError
 from quantlab.evals.base import Evaluator, register_evaluator
 from quantlab.types import EvalResult, RunContext
+from quantlab.utils.checks import is_int
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,6 @@ def nll_of_window(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, i
     return float(nll.double().sum()), count
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _safe_exp(x: float) -> float:
     """``exp(x)``, ``inf`` instead of OverflowError (a badly broken model can have mean NLL > 709)."""
     return math.exp(x) if x < 709.0 else math.inf
@@ -176,18 +173,18 @@ class PerplexityEval(Evaluator):
                 self._key("protocol"),
                 f"unknown protocol {self.protocol!r}; use one of {', '.join(PROTOCOLS)}",
             )
-        if not _is_int(self.seqlen) or self.seqlen < 2:
+        if not is_int(self.seqlen) or self.seqlen < 2:
             raise ConfigError(self._key("seqlen"), f"must be an integer >= 2, got {self.seqlen!r}")
         strided = self.protocol == "hf_strided"
-        if strided and (not _is_int(self.stride) or not 1 <= self.stride <= self.seqlen):
+        if strided and (not is_int(self.stride) or not 1 <= self.stride <= self.seqlen):
             raise ConfigError(
                 self._key("stride"), f"must be an integer in [1, seqlen={self.seqlen}], got {self.stride!r}"
             )
-        if self.max_windows is not None and (not _is_int(self.max_windows) or self.max_windows < 1):
+        if self.max_windows is not None and (not is_int(self.max_windows) or self.max_windows < 1):
             raise ConfigError(
                 self._key("max_windows"), f"must be a positive integer or null, got {self.max_windows!r}"
             )
-        if not _is_int(self.batch_size) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise ConfigError(self._key("batch_size"), f"must be a positive integer, got {self.batch_size!r}")
         if self.dataset == "local" and (not isinstance(self.path, str) or not self.path.strip()):
             raise ConfigError(self._key("path"), "dataset=local needs a file, directory, glob or 'stdlib'")

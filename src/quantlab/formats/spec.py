@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from quantlab.errors import ConfigError
+from quantlab.utils.checks import is_int
 
 KINDS = ("int",)
 _KEY = "quantizer.format"
@@ -41,10 +42,10 @@ class QuantFormat:
     scale_bits: int = 16
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if not is_int(self.bits) or not 2 <= self.bits <= 8:
             raise ConfigError(f"{_KEY}.bits", f"must be an integer in [2, 8], got {self.bits!r}")
         gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs < 1):
+        if not is_int(gs) or (gs != -1 and gs < 1):
             raise ConfigError(f"{_KEY}.group_size", f"must be -1 (per output channel) or >= 1, got {gs!r}")
         if self.kind not in KINDS:
             raise ConfigError(f"{_KEY}.kind", f"must be one of {KINDS}, got {self.kind!r}")
