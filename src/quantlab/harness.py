@@ -18,6 +18,7 @@ from quantlab.calib.datasets import CalibConfig, build_calib
 from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
 from quantlab.models.loaders import LoadedModel, ModelConfig, load_model
+from quantlab.quantizers.artifacts import ARTIFACTS_FILE, save_artifacts
 from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer
 from quantlab.tracking.env import peak_memory, reset_peak_cuda
 from quantlab.tracking.record import write_table
@@ -62,6 +63,7 @@ class RunOutcome:
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     quant_summary: dict[str, Any] = field(default_factory=dict)
     quant_time_s: float | None = None
+    images: dict[str, str] = field(default_factory=dict)
     peak_memory: dict[str, Any] = field(default_factory=dict)
 
 
@@ -110,15 +112,19 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     quantizer.validate(model)
 
     quantizes = not quantizer.is_identity
-    needs_calib = quantizer.requires_calibration or (quantizes and any(e.requires_calibration for e in spec.evals))
+    needs_calib = quantizer.needs_calibration() or (quantizes and any(e.requires_calibration for e in spec.evals))
     calib: CalibData | None = None
     if needs_calib:
         if spec.calib is None:
             raise ConfigError("calib", f"quantizer {quantizer.name!r} or an evaluator needs calibration data")
         calib = build_calib(spec.calib, tok, vocab_size=getattr(model.config, "vocab_size", None))
         out.calib = calib.describe()
-    fp_weights = _snapshot_weights(quantizer, model) if quantizes and any(e.requires_fp_weights for e in spec.evals) else None
-    ctx = RunContext(device=loaded.device, seed=spec.seed, output_dir=output_dir, tokenizer=tok, calib=calib)
+    wants_fp = quantizes and any(e.requires_fp_weights for e in spec.evals)
+    fp_weights = _snapshot_weights(quantizer, model) if wants_fp else None
+    ctx = RunContext(
+        device=loaded.device, seed=spec.seed, output_dir=output_dir, tokenizer=tok, calib=calib,
+        keep_reference_weights=wants_fp,
+    )
 
     reset_peak_cuda()
     t0 = time.perf_counter()
@@ -131,12 +137,19 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         out.bits_per_weight = weighted_bits_per_weight(quantizer, model, result.quantized_layers)
     log.info("quantizer %s done in %.2fs (%d layers)", quantizer.name, out.quant_time_s, len(result.quantized_layers))
     if spec.save_artifacts and result.artifacts:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in result.artifacts.items()}, str(output_dir / "artifacts.safetensors"))
+        path = save_artifacts(output_dir / ARTIFACTS_FILE, result.artifacts, quantizer.name, spec.quantizer.to_dict())
+        out.quant_summary["artifacts_file"] = path.name
+    for name, rows in result.tables.items():
+        out.tables[name] = rows
+    out.images.update({k: str(v) for k, v in result.images.items()})
+    if result.images:
+        out.quant_summary["images"] = {k: Path(v).name for k, v in result.images.items()}
 
     if fp_weights is not None:
-        ctx.fp_weights = {k: v for k, v in fp_weights.items() if k in set(result.quantized_layers)}
+        # transforming methods (AWQ, SmoothQuant, SQ+) return the weights they actually rounded
+        ref = result.reference_weights if result.reference_weights is not None else fp_weights
+        ctx.fp_weights = {k: v for k, v in ref.items() if k in set(result.quantized_layers)}
+        del fp_weights
     for ev in spec.evals:
         t1 = time.perf_counter()
         res = ev.run(model, tok, ctx)

@@ -68,7 +68,7 @@ def build_spec(cfg: DictConfig) -> RunSpec:
         calib=_build(cfg.get("calib"), "calib", CalibConfig),
         evals=tuple(evals),
         seed=int(cfg.get("seed", 0)),
-        save_artifacts=bool(cfg.get("save_artifacts", False)),
+        save_artifacts=bool(cfg.get("save_artifacts", True)),
     )
 
 
@@ -149,7 +149,7 @@ def run(
         record.wall_s = round(time.perf_counter() - t0, 3)
         write_record(record, output_dir)
         try:
-            tracker.log_result(record, out.tables)
+            tracker.log_result(record, out.tables, out.images)
             tracker.finish(record.status == "ok")
         except Exception:  # tracking must never turn a finished run into a failure
             log.exception("experiment tracker failed")

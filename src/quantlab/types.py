@@ -66,6 +66,9 @@ class RunContext:
         calib: calibration set, if one was built for this run.
         fp_weights: original weights of the quantized Linears (``fqn -> (out, in) tensor``),
             kept only when an evaluator needs them (layer diagnostics).
+        keep_reference_weights: set by the harness when an evaluator needs the weights that were
+            rounded; methods that transform weights before rounding (AWQ, SmoothQuant, SmoothQuant+)
+            then return them in :attr:`QuantResult.reference_weights`.
     """
 
     device: torch.device
@@ -74,6 +77,7 @@ class RunContext:
     tokenizer: Any = None
     calib: CalibData | None = None
     fp_weights: dict[str, torch.Tensor] | None = None
+    keep_reference_weights: bool = False
 
 
 @dataclass
@@ -85,12 +89,21 @@ class QuantResult:
         quantized_layers: fully-qualified names of the Linears that were quantized.
         artifacts: tensors needed to re-apply the result to a fresh model (codes, scales, ...).
         summary: scalar facts about the quantization (e.g. chosen alpha, damping used).
+        tables: named row lists found while quantizing (e.g. SmoothQuant+'s alpha -> loss curve);
+            saved in the run dir and logged like evaluator tables.
+        images: named image files the method wrote below ``ctx.output_dir`` (plots).
+        reference_weights: for methods that transform weights before rounding, the transformed
+            full-precision weights (CPU, ``fqn -> (out, in)``), returned only when
+            ``ctx.keep_reference_weights``; layer diagnostics compare against these.
     """
 
     model: torch.nn.Module
     quantized_layers: list[str] = field(default_factory=list)
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    images: dict[str, Path] = field(default_factory=dict)
+    reference_weights: dict[str, torch.Tensor] | None = None
 
 
 @dataclass

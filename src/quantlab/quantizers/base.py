@@ -21,6 +21,7 @@ from quantlab.formats.spec import QuantFormat
 from quantlab.nn.swap import iter_linears
 from quantlab.registry import Registry
 from quantlab.types import CalibData, QuantResult, RunContext
+from quantlab.utils.checks import is_int
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
@@ -64,6 +65,28 @@ class QuantizerConfig:
         return d
 
 
+@dataclass(frozen=True)
+class CalibratedConfig(QuantizerConfig):
+    """Fields shared by methods that run the calibration engine.
+
+    Attributes:
+        batch_size: calibration samples per forward chunk (None: as many as fit in 16384 tokens).
+        load_artifacts: path of an ``artifacts.safetensors`` (or a run directory holding one) from a
+            previous run of the same method: re-apply it without calibrating or searching.
+    """
+
+    batch_size: int | None = None
+    load_artifacts: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bs = self.batch_size
+        if bs is not None and (not is_int(bs) or bs < 1):
+            raise ConfigError("quantizer.batch_size", f"must be null (automatic) or an integer >= 1, got {bs!r}")
+        if self.load_artifacts is not None and not isinstance(self.load_artifacts, str):
+            raise ConfigError("quantizer.load_artifacts", f"must be a path, got {self.load_artifacts!r}")
+
+
 C = TypeVar("C", bound=QuantizerConfig)
 
 
@@ -86,6 +109,10 @@ class Quantizer(ABC, Generic[C]):
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config: C = config
+
+    def needs_calibration(self) -> bool:
+        """True when this run must build calibration data (not when re-applying saved artifacts)."""
+        return self.requires_calibration and not getattr(self.config, "load_artifacts", None)
 
     @property
     def format(self) -> QuantFormat | None:

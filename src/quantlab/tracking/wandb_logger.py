@@ -75,8 +75,9 @@ class Tracker:
               output_dir: Path, tags: list[str]) -> None:
         """Open a tracker run. ``config`` is the resolved run config as plain containers."""
 
-    def log_result(self, record: RunRecord, tables: dict[str, list[dict[str, Any]]]) -> None:
-        """Send the final record and the evaluators' tables."""
+    def log_result(self, record: RunRecord, tables: dict[str, list[dict[str, Any]]],
+                   images: dict[str, str] | None = None) -> None:
+        """Send the final record, the tables (evaluators' and the method's) and image files (plots)."""
 
     def finish(self, ok: bool) -> None:
         """Close the tracker run, marking it successful (``ok``) or failed. Safe to call twice."""
@@ -142,7 +143,8 @@ class WandbTracker(Tracker):
         )
         logger.info("W&B run %s (%s mode) in %s", run_id, self.cfg.mode, wandb_dir)
 
-    def log_result(self, record: RunRecord, tables: dict[str, list[dict[str, Any]]]) -> None:
+    def log_result(self, record: RunRecord, tables: dict[str, list[dict[str, Any]]],
+                   images: dict[str, str] | None = None) -> None:
         if self.run is None:
             raise RuntimeError("WandbTracker.log_result called before start()")
         self.run.summary.update(record.flat())
@@ -153,6 +155,8 @@ class WandbTracker(Tracker):
                 continue
             columns, data = _table_payload(rows)
             payload[f"table/{name}"] = self._wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+        for name, path in (images or {}).items():
+            payload[f"plot/{name}"] = self._wandb.Image(str(path))
         if payload:
             self.run.log(payload)
 

@@ -1,0 +1,279 @@
+"""The one calibration engine: block-by-block passes over a calibration set.
+
+Every calibrated method (GPTQ, AWQ, SmoothQuant, SmoothQuant+) uses :func:`run_sequential`
+instead of writing its own loop (the GPTQ reference copies a ``Catcher`` + loop into every
+``<model>.py``; llm-compressor's ``pipelines/sequential`` is the model this follows):
+
+1. :func:`capture_block_inputs` runs the embeddings once per calibration chunk and stops at the
+   first decoder block (a forward pre-hook raises), keeping the block's hidden-state input and the
+   keyword arguments the model passes to it (rotary position embeddings, attention mask).
+2. For each block in order: the block is moved to the compute device (the rest of the model may
+   stay on CPU, so a model larger than accelerator memory still quantizes), the method's callback
+   gets a :class:`BlockContext` (hooks for statistics/Hessians, forwards over all chunks), then the
+   block's outputs become the next block's inputs and the block goes back where it was.
+   ``propagate="quantized"`` (GPTQ, llm-compressor) computes those outputs *after* the callback
+   quantized the block, so errors propagate; ``propagate="fp"`` (AWQ reference ``run_awq``)
+   computes them *before*, from the untouched block.
+
+Memory is bounded by one block plus the calibration activations (one hidden state per token,
+chunked into batches of ``batch_size`` samples). Non-finite activations stop the run with a
+:class:`~quantlab.errors.DataError` naming the block.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantlab.errors import DataError
+from quantlab.models.mappings import ArchMapping
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_TOKENS = 16384  # tokens per forward chunk when batch_size is automatic
+
+# fn(name, x, kwargs, chunk): x is the module's (first) input, kwargs its keyword arguments
+InputFn = Callable[[str, torch.Tensor, dict[str, Any], int], None]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward early (everything needed was captured)."""
+
+
+def auto_batch_size(n_samples: int, seqlen: int, batch_size: int | None = None) -> int:
+    """Samples per forward chunk: ``batch_size`` if given, else as many as fit in 16384 tokens."""
+    if batch_size is not None and batch_size > 0:
+        return min(batch_size, max(n_samples, 1))
+    return max(1, min(n_samples, DEFAULT_BATCH_TOKENS // max(seqlen, 1)))
+
+
+@dataclass
+class BlockData:
+    """Inputs of one decoder block for every calibration chunk.
+
+    Attributes:
+        hidden: per chunk, the hidden states (batch, seq, hidden) on the compute device.
+        kwargs: per chunk, the keyword arguments the model passes to its decoder blocks.
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
+
+
+def _first_input(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Split a module call into its hidden-state input and the remaining keyword arguments."""
+    if args:
+        return args[0], dict(kwargs)
+    rest = dict(kwargs)
+    return rest.pop("hidden_states"), rest
+
+
+def _block_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kw = dict(kwargs)
+    kw["use_cache"] = False
+    kw.pop("past_key_values", None)
+    kw.pop("past_key_value", None)
+    return kw
+
+
+def check_finite(t: torch.Tensor, where: str) -> None:
+    """Raise :class:`DataError` if ``t`` holds NaN or inf (``where`` names the place)."""
+    if not torch.isfinite(t).all():
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise DataError(
+            f"non-finite calibration activations ({n_bad} NaN/inf values) at {where}; "
+            "check the model dtype (fp16 overflow?) and the calibration tokens"
+        )
+
+
+@contextmanager
+def _on_device(modules: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+    """Temporarily move ``modules`` to ``device`` (no-op when they are already there)."""
+    homes = []
+    for m in modules:
+        p = next(iter(m.parameters()), None)
+        p = p if p is not None else next(iter(m.buffers()), None)
+        homes.append(p.device if p is not None else device)
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, mapping: ArchMapping, tokens: torch.Tensor, *, device: torch.device, batch_size: int
+) -> BlockData:
+    """Run the embeddings on ``tokens`` (n, seqlen) in chunks and capture the first block's inputs."""
+    first = mapping.blocks(model)[0]
+    data = BlockData(hidden=[])
+
+    def catch(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        x, rest = _first_input(args, kwargs)
+        data.hidden.append(x.detach())
+        data.kwargs.append(_block_kwargs(rest))
+        raise _StopForward
+
+    pre = [model.get_submodule(p) for p in mapping.pre_blocks]
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with _on_device(pre, device):
+            for chunk in tokens.split(batch_size):
+                try:
+                    model(input_ids=chunk.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                else:  # pragma: no cover - the hook always fires for a decoder-only model
+                    raise RuntimeError(f"{mapping.layers}[0] was never called")
+    finally:
+        handle.remove()
+    for i, h in enumerate(data.hidden):
+        check_finite(h, f"the embeddings (chunk {i})")
+    return data
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockContext:
+    """What a method's per-block callback sees.
+
+    Attributes:
+        index: block index.
+        name: the block's module path, e.g. ``model.layers.3``.
+        block: the decoder block, on ``device``.
+        inputs: the block's inputs for every calibration chunk.
+        mapping: the architecture mapping.
+        device: compute device.
+    """
+
+    index: int
+    name: str
+    block: nn.Module
+    inputs: BlockData
+    mapping: ArchMapping
+    device: torch.device
+
+    def module(self, rel: str) -> nn.Module:
+        """Submodule by name relative to the block."""
+        return self.block.get_submodule(rel)
+
+    def full_name(self, rel: str) -> str:
+        """Model-level name of a block submodule, e.g. ``model.layers.3.mlp.up_proj``."""
+        return f"{self.name}.{rel}"
+
+    @torch.no_grad()
+    def forward(self) -> list[torch.Tensor]:
+        """The block's outputs for every chunk (with its current weights)."""
+        outs = []
+        for i, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
+            out = _block_output(self.block(h, **kw))
+            check_finite(out, f"the output of {self.name} (chunk {i})")
+            outs.append(out)
+        return outs
+
+    @torch.no_grad()
+    def collect(self, names: Sequence[str], fn: InputFn, early_exit: bool = True) -> None:
+        """Run every chunk through the block, calling ``fn`` with the input of each module in ``names``.
+
+        With ``early_exit`` the forward of a chunk stops as soon as every listed module has
+        received its input (later layers are not computed), so collecting the inputs of early
+        modules costs only the part of the block before them.
+        """
+        mods = {n: self.block.get_submodule(n) for n in names}
+        for ci, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
+            fired: set[str] = set()
+
+            def make(n: str):
+                def pre(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                    x, rest = _first_input(args, kwargs)
+                    check_finite(x, f"the input of {self.name}.{n} (chunk {ci})")
+                    fn(n, x, rest, ci)
+                    fired.add(n)
+                    if early_exit and len(fired) == len(mods):
+                        raise _StopForward
+
+                return pre
+
+            handles = [m.register_forward_pre_hook(make(n), with_kwargs=True) for n, m in mods.items()]
+            try:
+                self.block(h, **kw)
+            except _StopForward:
+                pass
+            finally:
+                for hd in handles:
+                    hd.remove()
+            missing = set(mods) - fired
+            if missing:
+                raise RuntimeError(f"{self.name}: modules {sorted(missing)} were not called in the block's forward")
+
+
+BlockFn = Callable[[BlockContext], None]
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    mapping: ArchMapping,
+    tokens: torch.Tensor,
+    fn: BlockFn,
+    *,
+    device: torch.device,
+    batch_size: int | None = None,
+    propagate: str = "quantized",
+    desc: str = "calibrate",
+) -> None:
+    """Call ``fn`` on every decoder block in order, feeding each block's outputs to the next.
+
+    Args:
+        model: a decoder-only HF model covered by ``mapping``.
+        mapping: its architecture mapping.
+        tokens: calibration token ids (n_samples, seqlen).
+        fn: per-block callback; may change the block's weights in place.
+        device: compute device; each block is moved there for its turn and moved back afterwards.
+        batch_size: samples per forward chunk (None: as many as fit in 16384 tokens).
+        propagate: ``quantized`` = next inputs come from the block after ``fn`` (errors propagate);
+            ``fp`` = from the block before ``fn``.
+    """
+    if propagate not in ("quantized", "fp"):
+        raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
+    was_training = model.training
+    model.eval()
+    bs = auto_batch_size(tokens.shape[0], tokens.shape[1], batch_size)
+    data = capture_block_inputs(model, mapping, tokens, device=device, batch_size=bs)
+    blocks = mapping.blocks(model)
+    log.info("%s: %d blocks, %d chunks of <= %d x %d tokens on %s", desc, len(blocks), len(data.hidden), bs, tokens.shape[1], device)
+    try:
+        for i, block in enumerate(blocks):
+            with _on_device([block], device):
+                ctx = BlockContext(i, mapping.block_name(i), block, data, mapping, device)
+                fp_out = ctx.forward() if propagate == "fp" else None
+                fn(ctx)
+                outs = fp_out if fp_out is not None else ctx.forward()
+            data = BlockData(hidden=outs, kwargs=data.kwargs)
+            log.debug("%s: block %d/%d done", desc, i + 1, len(blocks))
+    finally:
+        model.train(was_training)
