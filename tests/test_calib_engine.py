@@ -1,0 +1,197 @@
+"""The shared calibration engine: block-by-block passes, input capture, statistics, mappings."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+from quantlab.calib.sequential import BlockContext, auto_batch_size, capture_block_inputs, run_sequential
+from quantlab.calib.stats import collect_group_absmax, group_key
+from quantlab.errors import ConfigError, DataError
+from quantlab.models.mappings import ARCH_MAPPINGS, get_mapping
+from quantlab.models.tiny import build_tiny_llama
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def tiny64():
+    model, _ = build_tiny_llama(dtype=torch.float64)
+    return model
+
+
+def _tokens(n=5, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, t), generator=g)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_block_by_block_equals_full_forward(tiny64, batch_size):
+    """Identity callback: the last block's outputs (after the final norm) are the model's hidden states."""
+    x = _tokens()
+    outs = []
+
+    def fn(ctx: BlockContext) -> None:
+        if ctx.index == len(ctx.mapping.blocks(tiny64)) - 1:
+            outs.extend(ctx.forward())
+
+    run_sequential(tiny64, get_mapping(tiny64), x, fn, device=CPU, batch_size=batch_size)
+    with torch.no_grad():
+        ref = tiny64.model(x).last_hidden_state
+    assert torch.equal(tiny64.model.norm(torch.cat(outs)), ref)
+
+
+def test_capture_matches_embeddings_and_drops_cache(tiny64):
+    x = _tokens()
+    data = capture_block_inputs(tiny64, get_mapping(tiny64), x, device=CPU, batch_size=2)
+    assert [h.shape[0] for h in data.hidden] == [2, 2, 1]
+    assert torch.equal(torch.cat(data.hidden), tiny64.model.embed_tokens(x).detach())
+    assert data.n_tokens == 5 * 24
+    for kw in data.kwargs:
+        assert kw["use_cache"] is False and "past_key_values" not in kw
+        assert "position_embeddings" in kw
+
+
+def test_propagate_fp_vs_quantized(tiny64):
+    """'fp' feeds the next block the untouched block's outputs; 'quantized' the modified block's."""
+    x = _tokens(3, 16)
+    with torch.no_grad():
+        fp_hidden = tiny64.model(x, output_hidden_states=True).hidden_states  # [emb, block0 out, ...]
+    for propagate in ("fp", "quantized"):
+        model, _ = build_tiny_llama(dtype=torch.float64)
+        seen = {}
+
+        def fn(ctx: BlockContext, seen=seen) -> None:
+            seen[ctx.index] = torch.cat(ctx.inputs.hidden)
+            ctx.module("mlp.down_proj").weight.data.mul_(0.5)  # stand-in for quantization
+
+        run_sequential(model, get_mapping(model), x, fn, device=CPU, propagate=propagate)
+        same = torch.allclose(seen[1], fp_hidden[1], rtol=0, atol=1e-12)
+        assert same == (propagate == "fp")
+
+
+def test_collect_early_exit_skips_later_modules(tiny64):
+    calls = {"mlp": 0, "q": 0}
+    tiny64.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
+
+    def fn(ctx: BlockContext) -> None:
+        if ctx.index == 0:
+            def on_input(name, x, kw, chunk):
+                calls["q"] += 1
+                assert x.shape[-1] == 64
+
+            ctx.collect(["self_attn.q_proj"], on_input, early_exit=True)
+
+    run_sequential(tiny64, get_mapping(tiny64), _tokens(4, 8), fn, device=CPU, batch_size=2, propagate="fp")
+    # fp propagation runs block 0 once per chunk (2 chunks); the early-exit collect never reaches the MLP
+    assert calls == {"mlp": 2, "q": 2}
+
+
+def test_collect_gives_module_kwargs(tiny64):
+    got = {}
+
+    def fn(ctx: BlockContext) -> None:
+        if ctx.index == 0:
+            ctx.collect(["self_attn"], lambda n, x, kw, c: got.update(kw), early_exit=True)
+
+    run_sequential(tiny64, get_mapping(tiny64), _tokens(2, 8), fn, device=CPU)
+    assert "position_embeddings" in got  # attention needs the rotary embeddings to be re-run
+
+
+def test_collect_unknown_module_raises(tiny64):
+    def fn(ctx: BlockContext) -> None:
+        ctx.collect(["mlp.nope"], lambda *a: None)
+
+    with pytest.raises(AttributeError):
+        run_sequential(tiny64, get_mapping(tiny64), _tokens(2, 8), fn, device=CPU)
+
+
+def test_nan_embeddings_clear_error(tiny64):
+    x = _tokens(2, 8)
+    tiny64.model.embed_tokens.weight.data[int(x[0, 0])] = float("nan")
+    with pytest.raises(DataError, match="embeddings"):
+        run_sequential(tiny64, get_mapping(tiny64), x, lambda ctx: None, device=CPU)
+
+
+def test_inf_inside_block_names_the_block(tiny64):
+    tiny64.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("inf")
+    with pytest.raises(DataError, match=r"model\.layers\.1"):
+        run_sequential(tiny64, get_mapping(tiny64), _tokens(2, 8), lambda ctx: None, device=CPU)
+
+
+def test_unknown_architecture_fails_loudly():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel") as e:
+        get_mapping(model)
+    assert "LlamaForCausalLM" in str(e.value)  # lists the known ones
+    assert e.value.key == "model"
+
+
+def test_mistral_uses_the_llama_layout():
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = MistralForCausalLM(cfg).double().eval()
+    mapping = get_mapping(model)
+    assert mapping is ARCH_MAPPINGS["LlamaForCausalLM"]
+    x = torch.randint(0, 64, (2, 12))
+    outs = []
+    run_sequential(model, mapping, x, lambda ctx: outs.extend(ctx.forward()) if ctx.index == 1 else None, device=CPU)
+    with torch.no_grad():
+        assert torch.equal(model.model.norm(torch.cat(outs)), model.model(x).last_hidden_state)
+
+
+def test_v_to_o_only_without_gqa():
+    gqa, _ = build_tiny_llama(num_key_value_heads=2)
+    mha, _ = build_tiny_llama(num_key_value_heads=4)
+    keys = lambda m: [g.key for g in get_mapping(m).applicable_groups(m.model.layers[0])]  # noqa: E731
+    assert "self_attn.v_proj->o_proj" not in keys(gqa)
+    assert keys(mha) == [
+        "input_layernorm->q_proj,k_proj,v_proj",
+        "self_attn.v_proj->o_proj",
+        "post_attention_layernorm->gate_proj,up_proj",
+        "mlp.up_proj->down_proj",
+    ]
+
+
+def test_group_absmax_matches_direct_hooks(tiny64):
+    x = _tokens(4, 16)
+    stats = collect_group_absmax(tiny64, get_mapping(tiny64), x, device=CPU, batch_size=3)
+    seen = {}
+    hooks = []
+    for i, layer in enumerate(tiny64.model.layers):
+        for rel in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"):
+            def hook(_m, args, key=f"{i}.{rel}"):
+                seen[key] = args[0].abs().reshape(-1, args[0].shape[-1]).amax(0)
+            hooks.append(layer.get_submodule(rel).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        tiny64(x)
+    for h in hooks:
+        h.remove()
+    mapping = get_mapping(tiny64)
+    assert len(stats) == 2 * 3  # v->o is not applicable under GQA
+    for i in range(2):
+        for g in mapping.applicable_groups(tiny64.model.layers[i]):
+            assert torch.equal(stats[group_key(f"model.layers.{i}", g)], seen[f"{i}.{g.linears[0]}"])
+
+
+def test_auto_batch_size():
+    assert auto_batch_size(128, 2048) == 8  # 16384 tokens per chunk
+    assert auto_batch_size(4, 512) == 4
+    assert auto_batch_size(4, 512, batch_size=3) == 3
+    assert auto_batch_size(2, 100000) == 1
+
+
+@pytest.mark.gpu
+def test_offloaded_model_quantizes_block_by_block_on_cuda():
+    """The model stays on CPU; each block visits the GPU for its turn and goes back."""
+    model, _ = build_tiny_llama()
+    x = _tokens(2, 16)
+    devices = []
+
+    def fn(ctx: BlockContext) -> None:
+        devices.append(ctx.module("mlp.down_proj").weight.device.type)
+
+    run_sequential(model, get_mapping(model), x, fn, device=torch.device("cuda"))
+    assert devices == ["cuda", "cuda"]
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
