@@ -10,6 +10,11 @@ from conftest import compose, run_cli
 TINY = ["+exp=demo_tiny", "quantizer.format.group_size=32", "eval=[ppl_local]", "eval.ppl_local.max_windows=2"]
 
 
+def _cli(args: list[str], cwd: Path):
+    cwd.mkdir(parents=True, exist_ok=True)
+    return run_cli(args, cwd)
+
+
 def _records(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
 
@@ -17,32 +22,38 @@ def _records(root: Path) -> list[dict]:
 @pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant", "smoothquant_plus"])
 def test_saved_artifacts_reapply_without_calibration(tmp_path, method):
     """Run once (artifacts saved), then re-apply them with load_artifacts: same perplexity, no calibration."""
-    first = run_cli([*TINY, f"quantizer={method}", "hydra.mode=RUN"], tmp_path / "a")
+    first = _cli([*TINY, f"quantizer={method}", "hydra.mode=RUN"], tmp_path / "a")
     assert first.returncode == 0, first.stderr[-3000:]
     (rec,) = _records(tmp_path / "a" / "results")
     run_dir = Path(rec["output_dir"])
     assert (run_dir / "artifacts.safetensors").is_file()
     assert rec["calib"]["name"] == "random"
 
-    again = run_cli([*TINY, f"quantizer={method}", "hydra.mode=RUN", f"quantizer.load_artifacts={run_dir}"], tmp_path / "b")
+    again = _cli([*TINY, f"quantizer={method}", "hydra.mode=RUN", f"quantizer.load_artifacts={run_dir}"], tmp_path / "b")
     assert again.returncode == 0, again.stderr[-3000:]
     (rec2,) = _records(tmp_path / "b" / "results")
     assert rec2["calib"] is None  # nothing was calibrated or searched
-    assert rec2["metrics"]["ppl/local_stdlib"] == rec["metrics"]["ppl/local_stdlib"]
+    if method == "smoothquant":
+        # W8A8 rounds activations on every forward, so a last-bit difference in a matmul between two processes
+        # can flip an int8 code: once (in a full-suite run) 645.369 vs 645.348 (3e-5 relative). The re-applied
+        # weights are bit-exact (tests/test_smoothquant.py checks logits in one process).
+        assert rec2["metrics"]["ppl/local_stdlib"] == pytest.approx(rec["metrics"]["ppl/local_stdlib"], rel=1e-4)
+    else:
+        assert rec2["metrics"]["ppl/local_stdlib"] == rec["metrics"]["ppl/local_stdlib"]
 
 
 def test_artifacts_of_another_method_are_refused(tmp_path):
-    first = run_cli([*TINY, "quantizer=smoothquant_plus", "quantizer.alpha=0.5", "hydra.mode=RUN"], tmp_path / "a")
+    first = _cli([*TINY, "quantizer=smoothquant_plus", "quantizer.alpha=0.5", "hydra.mode=RUN"], tmp_path / "a")
     assert first.returncode == 0, first.stderr[-3000:]
     (rec,) = _records(tmp_path / "a" / "results")
-    proc = run_cli([*TINY, "quantizer=awq", "hydra.mode=RUN", f"quantizer.load_artifacts={rec['output_dir']}"], tmp_path / "b")
+    proc = _cli([*TINY, "quantizer=awq", "hydra.mode=RUN", f"quantizer.load_artifacts={rec['output_dir']}"], tmp_path / "b")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = next(ln for ln in proc.stderr.splitlines() if "error:" in ln)
     assert "quantizer.load_artifacts" in line and "smoothquant_plus" in line
 
 
 def test_missing_artifact_file_is_a_clear_error(tmp_path):
-    proc = run_cli([*TINY, "quantizer=gptq", "hydra.mode=RUN", "quantizer.load_artifacts=/nonexistent/run"], tmp_path)
+    proc = _cli([*TINY, "quantizer=gptq", "hydra.mode=RUN", "quantizer.load_artifacts=/nonexistent/run"], tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "/nonexistent/run" in proc.stderr and "quantizer.load_artifacts" in proc.stderr
 
@@ -51,7 +62,7 @@ def test_sqplus_alpha_sweep_and_search_curve(tmp_path):
     """The preset's alpha sweep (on the tiny model) gives one run per alpha; the search records its curve."""
     args = ["-m", "+exp=sqplus_smollm2", "model=tiny_llama", "calib=random_8x64", "eval=[ppl_local,layer_error]",
             "eval.ppl_local.max_windows=2", "quantizer.format.group_size=32", "quantizer.alpha=0.0,0.5,1.0"]
-    proc = run_cli(args, tmp_path / "sweep")
+    proc = _cli(args, tmp_path / "sweep")
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = _records(tmp_path / "sweep" / "results")
     assert sorted(r["quantizer"]["config"]["alpha"] for r in recs) == [0.0, 0.5, 1.0]
@@ -60,7 +71,7 @@ def test_sqplus_alpha_sweep_and_search_curve(tmp_path):
     # model; pairing un-smoothed weights with smoothed inputs would give about 0 dB
     assert all(r["metrics"]["layer/min_output_sqnr_db"] > 10 for r in recs)
 
-    search = run_cli([*args[1:-1], "hydra.mode=RUN"], tmp_path / "search")
+    search = _cli([*args[1:-1], "hydra.mode=RUN"], tmp_path / "search")
     assert search.returncode == 0, search.stderr[-3000:]
     (rec,) = _records(tmp_path / "search" / "results")
     run_dir = Path(rec["output_dir"])

@@ -81,3 +81,27 @@ def _scale_(p: torch.Tensor, s: torch.Tensor, dim: int, divide: bool) -> None:
     v = v.reshape(shape)
     x = p.data.to(dt)
     p.data.copy_((x / v if divide else x * v).to(p.dtype))
+
+
+def group_scales(block: nn.Module, groups: list[ScaleGroup], act_absmax: dict[str, torch.Tensor],
+                 alpha: float) -> dict[str, torch.Tensor]:
+    """Eq. (6) scales of every group of one block, all computed from the block's *current* weights.
+
+    Computing every ``s`` before folding any of them keeps the groups independent (folding
+    up_proj -> down_proj rescales up_proj's rows, which would otherwise change the weight maxima of
+    the post_attention_layernorm -> [gate, up] group).
+
+    Args:
+        act_absmax: ``group.key -> max|x|`` (in,) of the group's input in the full-precision model.
+    """
+    out = {}
+    for g in groups:
+        w_max = weight_absmax_per_input([block.get_submodule(n).weight for n in g.linears])
+        out[g.key] = smoothquant_scales(act_absmax[g.key].to(w_max.device), w_max, alpha)
+    return out
+
+
+def fold_group_scales(block: nn.Module, groups: list[ScaleGroup], scales: dict[str, torch.Tensor]) -> None:
+    """:func:`fold_scales` for every group of one block."""
+    for g in groups:
+        fold_scales(block, g, scales[g.key])

@@ -106,7 +106,7 @@ def check_finite(t: torch.Tensor, where: str) -> None:
 
 
 @contextmanager
-def _on_device(modules: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+def on_device(modules: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
     """Temporarily move ``modules`` to ``device`` (no-op when they are already there)."""
     homes = []
     for m in modules:
@@ -138,7 +138,7 @@ def capture_block_inputs(
     pre = [model.get_submodule(p) for p in mapping.pre_blocks]
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with _on_device(pre, device):
+        with on_device(pre, device):
             for chunk in tokens.split(batch_size):
                 try:
                     model(input_ids=chunk.to(device), use_cache=False)
@@ -268,7 +268,7 @@ def run_sequential(
     log.info("%s: %d blocks, %d chunks of <= %d x %d tokens on %s", desc, len(blocks), len(data.hidden), bs, tokens.shape[1], device)
     try:
         for i, block in enumerate(blocks):
-            with _on_device([block], device):
+            with on_device([block], device):
                 ctx = BlockContext(i, mapping.block_name(i), block, data, mapping, device)
                 fp_out = ctx.forward() if propagate == "fp" else None
                 fn(ctx)

@@ -144,7 +144,6 @@ class GPTQQuantizer(Quantizer[GPTQConfig]):
             if res.perm is not None:
                 arts[f"{fqn}.perm"] = res.perm.cpu()
             rows.append({"layer": fqn, "loss": res.loss, "damp": res.damp, "dead_columns": res.dead_columns})
-        del acc
 
     def _reapply(self, model: nn.Module, targets: set[str]) -> QuantResult:
         src = self.config.load_artifacts
