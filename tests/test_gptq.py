@@ -160,3 +160,19 @@ def test_gptq_beats_rtn_on_the_tiny_model(tmp_path):
 def test_config_errors_name_the_key(field, value):
     with pytest.raises(ConfigError, match=f"quantizer.{field}"):
         GPTQConfig(**{field: value})
+
+
+def test_one_pass_schedule_equals_multi_pass(tmp_path):
+    """With the calibration set in one chunk, the subsets are quantized inside one forward; the result must
+    match the chunked multi-pass schedule (same Hessians up to summation order)."""
+    fmt = QuantFormat(bits=4, group_size=32, zero_in_range=True)
+    ctx = RunContext(device=torch.device("cpu"), seed=0, output_dir=tmp_path)
+    x = _calib(2, 64).tokens
+    out = []
+    for bs in (None, 3):  # 8 samples: one chunk vs three chunks
+        model, _ = build_tiny_llama(dtype=torch.float64)
+        res = GPTQQuantizer(GPTQConfig(format=fmt, batch_size=bs)).quantize(model, _calib(), ctx)
+        with torch.no_grad():
+            out.append((model(x).logits, res.summary["mean_gptq_loss"]))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-8)
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-9)

@@ -114,11 +114,6 @@ def _col_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch
     return s[:, 0], z[:, 0]
 
 
-def _quant_col(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-    return q, (q - z) * s
-
-
 def gptq_quantize_weight(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -165,26 +160,26 @@ def gptq_quantize_weight(
         H = H[perm][:, perm]
     U, damp_used = inverse_hessian_factor(H, damp, damp_increment, max_damp)
 
-    Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     n_groups = n_in // g
     scales = torch.zeros(n_out, n_groups, dtype=dt, device=W.device)
     zeros = torch.zeros_like(scales)
-    col_group = torch.zeros(n_in, dtype=torch.long, device=W.device)  # permuted position -> group
-    losses = torch.zeros(n_out, dtype=dt, device=W.device)
+    col_group = [0] * n_in  # permuted position -> group
+    static = static_groups or fmt.group_size == -1
+    order = perm.tolist() if perm is not None else list(range(n_in))
+    loss = torch.zeros((), dtype=dt, device=W.device)
     s = z = None
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        Win = torch.empty_like(W1)  # each column as it was when quantized (for the loss)
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            w = W1[:, i]
-            d = U1[i, i]
-            orig = int(perm[col]) if perm is not None else col
-            if static_groups or fmt.group_size == -1:
-                grp = orig // g
+            if static:
+                grp = order[col] // g
                 s, z = s_all[:, grp], z_all[:, grp]
             else:
                 grp = col // g
@@ -193,20 +188,26 @@ def gptq_quantize_weight(
                     # earlier lazy blocks but not this block's (the reference; exact when g == block_size)
                     s, z = _col_qparams(W[:, col:col + g], fmt)
                     scales[:, grp], zeros[:, grp] = s, z
-            q, wq = _quant_col(w, s, z, maxq)
-            codes[:, col], Q[:, col], col_group[col] = q, wq, grp
-            losses += (w - wq) ** 2 / d**2 / 2
-            err = (w - wq) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
+            col_group[col] = grp
+            w = W1[:, i]
+            Win[:, i] = w
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            codes[:, col] = q
+            wq = Q1[:, i]
+            torch.mul(q - z, s, out=wq)
+            err = Err1[:, i]
+            torch.div(w - wq, U1[i, i], out=err)
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
+        loss += (((Win - Q1) / torch.diag(U1)[None, :]) ** 2).sum() / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     if static_groups or fmt.group_size == -1:
         scales, zeros = s_all, z_all
+    cg = torch.tensor(col_group, dtype=torch.int32, device=W.device)
     inv = torch.argsort(perm) if perm is not None else None
     if inv is not None:
-        codes, col_group = codes[:, inv], col_group[inv]
-    g_idx = col_group.to(torch.int32)
+        codes, cg = codes[:, inv], cg[inv]
+    g_idx = cg
     codes_u8 = codes.to(torch.uint8)
     weight = dequantize_gidx(codes_u8, scales, zeros, g_idx)
-    return GPTQLayerResult(codes_u8, scales, zeros, g_idx, perm, weight, float(losses.sum()), damp_used, int(dead.sum()))
+    return GPTQLayerResult(codes_u8, scales, zeros, g_idx, perm, weight, float(loss), damp_used, int(dead.sum()))

@@ -231,7 +231,9 @@ class BlockContext:
                 raise RuntimeError(f"{self.name}: modules {sorted(missing)} were not called in the block's forward")
 
 
-BlockFn = Callable[[BlockContext], None]
+# A callback may return the block's outputs (one tensor per chunk, computed with its final weights),
+# which saves the engine a forward pass when propagate="quantized".
+BlockFn = Callable[[BlockContext], "list[torch.Tensor] | None"]
 
 
 @torch.no_grad()
@@ -252,7 +254,8 @@ def run_sequential(
         model: a decoder-only HF model covered by ``mapping``.
         mapping: its architecture mapping.
         tokens: calibration token ids (n_samples, seqlen).
-        fn: per-block callback; may change the block's weights in place.
+        fn: per-block callback; may change the block's weights in place, and may return the block's
+            outputs for every chunk (with its final weights) to save a forward pass.
         device: compute device; each block is moved there for its turn and moved back afterwards.
         batch_size: samples per forward chunk (None: as many as fit in 16384 tokens).
         propagate: ``quantized`` = next inputs come from the block after ``fn`` (errors propagate);
@@ -271,8 +274,8 @@ def run_sequential(
             with on_device([block], device):
                 ctx = BlockContext(i, mapping.block_name(i), block, data, mapping, device)
                 fp_out = ctx.forward() if propagate == "fp" else None
-                fn(ctx)
-                outs = fp_out if fp_out is not None else ctx.forward()
+                ret = fn(ctx)
+                outs = fp_out if fp_out is not None else (ret if ret is not None else ctx.forward())
             data = BlockData(hidden=outs, kwargs=data.kwargs)
             log.debug("%s: block %d/%d done", desc, i + 1, len(blocks))
     finally:

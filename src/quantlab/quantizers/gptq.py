@@ -93,12 +93,24 @@ class GPTQQuantizer(Quantizer[GPTQConfig]):
         arts: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
 
-        def per_block(bctx: BlockContext) -> None:
-            subsets = mapping.sequential if self.config.true_sequential else (sum(mapping.sequential, ()),)
-            for subset in subsets:
-                names = [n for n in subset if bctx.full_name(n) in targets]
-                if names:
+        def per_block(bctx: BlockContext) -> list[torch.Tensor] | None:
+            if self.config.true_sequential:
+                subsets = [[n for n in sub if bctx.full_name(n) in targets] for sub in mapping.sequential]
+                subsets = [s for s in subsets if s]
+                if len(bctx.inputs.hidden) == 1:  # the whole calibration set is one chunk: one pass
+                    return self._inline_block(bctx, subsets, rows, arts)
+                for names in subsets:
                     self._quantize_subset(bctx, names, rows, arts)
+                return None
+            names = [n for n in sum(mapping.sequential, ()) if bctx.full_name(n) in targets]
+            hessians = {}
+            for sub in mapping.sequential:  # all Hessians from the fp block, then quantize
+                sub = [n for n in sub if n in names]
+                if sub:
+                    hessians[sub[0]] = (sub, self._hessian(bctx, sub[0]))
+            for sub, acc in hessians.values():
+                self._gptq_layers(bctx, sub, acc, rows, arts)
+            return None
 
         run_sequential(model, mapping, calib.tokens, per_block, device=ctx.device,
                        batch_size=self.config.batch_size, propagate="quantized", desc="gptq")
@@ -122,11 +134,49 @@ class GPTQQuantizer(Quantizer[GPTQConfig]):
         return QuantResult(model=model, quantized_layers=done, artifacts=arts, summary=summary,
                            tables={"gptq_layers": rows})
 
+    def _inline_block(self, bctx: BlockContext, subsets: list[list[str]], rows: list, arts: dict) -> list[torch.Tensor]:
+        """True-sequential GPTQ in ONE forward (calibration set in a single chunk).
+
+        A pre-hook on every Linear of a subset fires at the subset's first call: it builds the
+        Hessian from that input (the whole calibration set), quantizes the subset, and the forward
+        continues with the quantized weights, so each later subset sees the earlier ones quantized
+        exactly as in the multi-pass schedule, and the block's output is the quantized block's.
+        """
+        owner = {n: i for i, sub in enumerate(subsets) for n in sub}
+        done: set[int] = set()
+
+        def make(rel: str):
+            def pre(_mod: nn.Module, args: tuple) -> None:
+                i = owner[rel]
+                if i in done:
+                    return
+                acc = HessianAccumulator(args[0].shape[-1], bctx.device, args[0].dtype)
+                acc.add(args[0])
+                self._gptq_layers(bctx, subsets[i], acc, rows, arts)
+                done.add(i)
+            return pre
+
+        handles = [bctx.module(n).register_forward_pre_hook(make(n)) for n in owner]
+        try:
+            outs = bctx.forward()
+        finally:
+            for h in handles:
+                h.remove()
+        if len(done) != len(subsets):
+            raise RuntimeError(f"{bctx.name}: subsets {sorted(set(range(len(subsets))) - done)} were never called")
+        return outs
+
+    def _hessian(self, bctx: BlockContext, rel: str) -> HessianAccumulator:
+        first = bctx.module(rel)
+        acc = HessianAccumulator(first.in_features, bctx.device, first.weight.dtype)
+        bctx.collect([rel], lambda _n, x, _kw, _c: acc.add(x), early_exit=True)
+        return acc
+
     def _quantize_subset(self, bctx: BlockContext, names: list[str], rows: list, arts: dict) -> None:
         """One Hessian per distinct input (all of ``names`` share it in the mapping), then GPTQ each Linear."""
-        first = bctx.module(names[0])
-        acc = HessianAccumulator(first.in_features, bctx.device, first.weight.dtype)
-        bctx.collect([names[0]], lambda _n, x, _kw, _c: acc.add(x), early_exit=True)
+        self._gptq_layers(bctx, names, self._hessian(bctx, names[0]), rows, arts)
+
+    def _gptq_layers(self, bctx: BlockContext, names: list[str], acc: HessianAccumulator, rows: list, arts: dict) -> None:
         cfg = self.config
         for rel in names:
             mod = bctx.module(rel)
