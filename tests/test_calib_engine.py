@@ -195,3 +195,20 @@ def test_offloaded_model_quantizes_block_by_block_on_cuda():
     run_sequential(model, get_mapping(model), x, fn, device=torch.device("cuda"))
     assert devices == ["cuda", "cuda"]
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_collect_without_early_exit_returns_the_block_outputs(tiny64):
+    got = {}
+
+    def fn(ctx: BlockContext):
+        outs = ctx.collect(["mlp.down_proj"], lambda *a: None, early_exit=False)
+        got[ctx.index] = torch.cat(outs)
+        assert all(torch.equal(a, b) for a, b in zip(outs, ctx.forward()))
+        assert ctx.collect(["mlp.down_proj"], lambda *a: None, early_exit=True) is None
+        return outs  # reused as the next block's inputs
+
+    x = _tokens(3, 16)
+    run_sequential(tiny64, get_mapping(tiny64), x, fn, device=CPU, batch_size=2)
+    with torch.no_grad():
+        hidden = tiny64.model(x, output_hidden_states=True).hidden_states
+    assert torch.equal(got[0], hidden[1])

@@ -1,15 +1,17 @@
 """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
-Transformers"): pure math on tensors, mirroring the reference ``IST-DASLab/gptq`` ``fasterquant``.
+Transformers", arXiv:2210.17323): pure math on tensors, mirroring the reference ``IST-DASLab/gptq``
+``GPTQ.add_batch`` / ``GPTQ.fasterquant`` (and AutoGPTQ's ``g_idx``/``static_groups``).
 
-Per Linear with weight W (out, in) and calibration inputs X, GPTQ minimises ``||X W^T - X Q^T||^2``
-column by column. With the Hessian ``H = 2 X^T X`` (eq. 1's quadratic form), quantizing column q
-and spreading its error over the not-yet-quantized columns gives (paper eq. 2-3, Algorithm 1)::
+Per Linear with weight W (out, in) and calibration inputs X, GPTQ minimises ``||W X - Q X||^2``
+(paper eq. 1) column by column. With ``H = 2 X X^T`` the Optimal-Brain-Quantization step for
+column q (paper eq. 2-3) is::
 
-    err = (w_q - quant(w_q)) / [H^-1]_qq
-    W[:, q:] -= err * [H^-1]_{q, q:}
+    err   = (w_q - quant(w_q)) / [H^-1]_qq
+    W[:, q+1:] -= err * [H^-1]_{q, q+1:}
 
-computed with the upper Cholesky factor U of H^-1 (Algorithm 1, "Cholesky reformulation") and
-lazy batches of ``block_size`` columns (Algorithm 1, lines 3-13).
+and GPTQ computes all rows of ``H^-1`` it needs at once as the upper Cholesky factor U of the damped
+``H^-1`` (paper section "Step 3: Cholesky reformulation"), applying the updates in lazy batches of
+``block_size`` columns (section "Step 2"; Algorithm 1). No hooks and no model knowledge live here.
 """
 from __future__ import annotations
 
@@ -18,32 +20,53 @@ from dataclasses import dataclass
 
 import torch
 
+from quantlab.errors import QuantlabError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 
 log = logging.getLogger(__name__)
 
 
+class HessianNotPositiveDefinite(QuantlabError, RuntimeError):
+    """Even the largest allowed damping does not make H positive definite."""
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class HessianAccumulator:
     """Running ``H = (2/N) sum_n X_n^T X_n`` over calibration sequences (reference ``add_batch``).
 
-    N counts sequences (the batch dimension), as in the reference; the damping is relative to
-    mean(diag(H)), so the normalisation does not change the result. float32 (float64 stays float64).
+    ``N`` counts sequences (the batch dimension), as in the reference; only the absolute scale depends
+    on it and the damping is relative to mean(diag H). Accumulates in float32 (float64 when the
+    inputs are float64), on the device of the first input.
     """
 
-    def __init__(self, in_features: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.H = torch.zeros(in_features, in_features, device=device, dtype=self.dtype)
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
         self.n = 0
+        self._H: torch.Tensor | None = None
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            raise RuntimeError("HessianAccumulator: no inputs were added")
+        return self._H
 
     def add(self, x: torch.Tensor) -> None:
-        """Add inputs ``x`` of shape (batch, seq, in) or (tokens, in) (the latter counts as one sequence)."""
+        """Add inputs of shape (batch, seq, in), or (tokens, in) which counts as one sequence."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
         batch = x.shape[0] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        self.H *= self.n / (self.n + batch)
+        if self._H is None:
+            dt = _compute_dtype(x.dtype)
+            self._H = torch.zeros(self.in_features, self.in_features, device=x.device, dtype=dt)
+        x = x.reshape(-1, self.in_features).to(self._H.dtype)
+        self._H *= self.n / (self.n + batch)
         self.n += batch
         x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
+        self._H.addmm_(x.T, x)
 
 
 @dataclass
@@ -51,14 +74,15 @@ class GPTQLayerResult:
     """What GPTQ found for one Linear.
 
     Attributes:
-        codes: uint8 (out, in) integer codes, original column order.
-        scales / zeros: (out, n_groups) group parameters (zeros hold integers).
-        g_idx: int32 (in,) group index of every original column.
-        perm: act_order column permutation (None without act_order).
-        weight: the dequantized weight (out, in), computed by :func:`dequantize_gidx`.
-        loss: sum of the per-column losses ``(w - q)^2 / [H^-1]_qq^2 / 2`` (reference ``Losses``).
+        codes: uint8 (out, in) integer codes in the original column order.
+        scales: (out, n_groups) scales in the compute dtype (float32; float64 for float64 weights).
+        zeros: uint8 (out, n_groups) zero points.
+        g_idx: int32 (in,) group of every original input column.
+        perm: int64 (in,) act_order column order (None without act_order).
+        weight: the dequantized weight (out, in), :func:`dequantize_gidx` of the above.
+        loss: sum of ``(w - q)^2 / [U]_qq^2 / 2`` over all columns (reference ``Losses``).
         damp: the relative damping actually used (after automatic escalation).
-        dead_columns: input channels whose Hessian diagonal was 0 (zeroed in W).
+        dead_columns: input columns whose Hessian diagonal was 0 (their weights were zeroed).
     """
 
     codes: torch.Tensor
@@ -72,46 +96,81 @@ class GPTQLayerResult:
     dead_columns: int
 
 
-def dequantize_gidx(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """``W[:, j] = (q[:, j] - z[:, g_idx[j]]) * s[:, g_idx[j]]`` — the one dequantization of GPTQ results."""
+def dequantize_gidx(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, fmt: QuantFormat
+) -> torch.Tensor:
+    """``W[:, j] = (q[:, j] - z[:, g_idx[j]]) * s[:, g_idx[j]]`` in ``scales``' dtype.
+
+    The one dequantization of GPTQ results (used both when quantizing and when re-applying saved
+    artifacts, so the two agree bit for bit); same arithmetic as :func:`affine.dequantize`.
+    """
+    if codes.dim() != 2 or g_idx.shape != (codes.shape[1],) or scales.shape != zeros.shape:
+        raise ValueError(f"inconsistent shapes codes={tuple(codes.shape)} scales={tuple(scales.shape)} "
+                         f"zeros={tuple(zeros.shape)} g_idx={tuple(g_idx.shape)}")
+    if codes.numel() and int(codes.max()) > fmt.maxq:
+        raise ValueError(f"codes exceed {fmt.maxq}, the largest {fmt.bits}-bit code")
     gi = g_idx.long()
-    return (codes.to(scales.dtype) - zeros[:, gi]) * scales[:, gi]
+    return (codes.to(scales.dtype) - zeros.to(scales.dtype)[:, gi]) * scales[:, gi]
 
 
 def inverse_hessian_factor(
     H: torch.Tensor, damp: float, damp_increment: float, max_damp: float
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, escalating ``damp`` until it exists.
+    """Upper Cholesky factor U of ``(H + lambda I)^-1``, ``lambda = damp * mean(diag H)`` (Algorithm 1, line 2).
+
+    ``L = chol(H + lambda I)``; ``H^-1 = cholesky_inverse(L)``; ``U = chol(H^-1, upper)``. When a
+    factorisation fails, ``damp`` grows by ``damp_increment`` until ``max_damp`` (as GPTQModel's
+    auto-increment). To save a copy of H (GBs for large layers), ``H``'s diagonal is overwritten with
+    the damped one.
 
     Returns:
         ``(U, damp_used)``.
 
     Raises:
-        RuntimeError: if even ``max_damp`` does not make H positive definite.
+        HessianNotPositiveDefinite: if no damping up to ``max_damp`` works.
     """
-    mean_diag = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    diag = H.diagonal()
+    diag0 = diag.clone()
+    mean_diag = torch.mean(diag0).item()
     d = damp
     while True:
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        diag.copy_(diag0 + d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info2) == 0:
+            L = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(L, upper=True)
+            if int(info) == 0:
                 return U, d
+        del L
         if d >= max_damp or damp_increment <= 0:
-            raise RuntimeError(
-                f"GPTQ: the Hessian is not positive definite even with damping {d:g} x mean(diag H); "
-                "use more calibration samples or raise quantizer.max_damp"
+            raise HessianNotPositiveDefinite(
+                f"the Hessian is not positive definite even with damping {d:g} x mean(diag H) "
+                f"(mean(diag H) = {mean_diag:.3g}); use more calibration samples or raise max_damp"
             )
+        log.debug("gptq: Cholesky failed with damp %.4g, retrying with %.4g", d, min(max_damp, d + damp_increment))
         d = min(max_damp, d + damp_increment)
 
 
-def _col_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row parameters of a column slice W[:, a:b] (one group), each (out,)."""
-    per_row = QuantFormat(bits=fmt.bits, group_size=-1, symmetric=fmt.symmetric, zero_in_range=fmt.zero_in_range)
-    s, z = affine.choose_qparams(w, per_row)
+def _per_row(fmt: QuantFormat) -> QuantFormat:
+    """``fmt`` with one parameter set per row, for parameters of (and rounding on) a column slice."""
+    return QuantFormat(bits=fmt.bits, group_size=-1, symmetric=fmt.symmetric, zero_in_range=fmt.zero_in_range)
+
+
+def _slice_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max parameters (:func:`affine.choose_qparams`) of one group W[:, a:a+g], each (out,)."""
+    s, z = affine.choose_qparams(w, _per_row(fmt))
     return s[:, 0], z[:, 0]
+
+
+def _check_args(W: torch.Tensor, H: torch.Tensor, fmt: QuantFormat, block_size: int) -> int:
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"W must be (out, in) and H (in, in), got {tuple(W.shape)} and {tuple(H.shape)}")
+    g = fmt.effective_group_size(W.shape[1])
+    if W.shape[1] % g:
+        raise ValueError(f"group_size {g} does not divide in_features {W.shape[1]}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return g
 
 
 def gptq_quantize_weight(
@@ -126,88 +185,84 @@ def gptq_quantize_weight(
     act_order: bool = False,
     static_groups: bool = False,
 ) -> GPTQLayerResult:
-    """GPTQ for one weight matrix (paper Algorithm 1; reference ``GPTQ.fasterquant``).
+    """GPTQ for one weight matrix: paper Algorithm 1, step by step as the reference ``fasterquant``.
 
     Args:
-        W: weight (out, in); not modified.
-        H: Hessian (in, in) from :class:`HessianAccumulator`; not modified.
-        fmt: the integer format (bits, group size, symmetry, zero convention).
-        damp: relative dampening ``lambda = damp * mean(diag H)`` added to the diagonal.
+        W: weight (out, in); not modified. Math runs in float32 (float64 stays float64).
+        H: Hessian (in, in), e.g. :class:`HessianAccumulator` ``.H``; not modified.
+        fmt: integer format (bits, group size, symmetry, zero convention).
+        damp: relative dampening, ``lambda = damp * mean(diag H)`` (reference ``percdamp``).
         damp_increment / max_damp: automatic escalation when the Cholesky factorisation fails.
         block_size: lazy-batch width B (Algorithm 1).
-        act_order: quantize columns in order of decreasing ``diag(H)`` ("desc_act").
-        static_groups: group parameters from the original W, before any error update (so act_order
-            does not reorder group membership); otherwise they are computed when a group's first
-            column is reached, from the error-updated weights (the reference default).
+        act_order: quantize columns by decreasing ``diag(H)`` ("desc_act").
+        static_groups: all group parameters from the original W (dead columns zeroed) before any
+            update; else a group's parameters are computed when its first column is reached, from the
+            weights updated by the earlier lazy blocks (reference semantics). Per-channel formats
+            take their parameters once from the original W, as the reference.
     """
-    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    W = W.detach().to(dt).clone()
-    H = H.detach().to(dt).clone()
+    g = _check_args(W, H, fmt, block_size)
+    dt = _compute_dtype(W.dtype)
+    W = W.detach().to(dtype=dt, copy=True)
+    H = H.detach().to(device=W.device, dtype=dt, copy=True)
+    if not torch.isfinite(H).all():
+        raise ValueError("the Hessian has NaN/inf entries (non-finite or overflowing calibration inputs)")
     n_out, n_in = W.shape
-    g = fmt.effective_group_size(n_in)
-    maxq = fmt.maxq
+    row_fmt = _per_row(fmt)
+    static = static_groups or fmt.group_size == -1
+    if fmt.group_size == -1:  # reference: quantizer.find_params(W) before the dead-column fix
+        s_all, z_all = affine.choose_qparams(W, fmt)
 
+    # dead inputs (never active in the calibration set): H_ii = 1, W[:, i] = 0
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if static_groups and fmt.group_size != -1:
+        s_all, z_all = affine.choose_qparams(W, fmt)  # (out, n_groups) from the original W
 
-    if static_groups or fmt.group_size == -1:
-        s_all, z_all = affine.choose_qparams(W, fmt)  # (out, n_groups) from the original (dead-zeroed) W
     perm = None
-    if act_order:
+    if act_order:  # columns by decreasing diag(H), applied before damping
         perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    U, damp_used = inverse_hessian_factor(H, damp, damp_increment, max_damp)
+        W, H = W[:, perm], H[perm][:, perm]
+    U, damp_used = inverse_hessian_factor(H, damp, damp_increment, max_damp)  # damps H in place
+    del H
 
-    codes = torch.zeros_like(W)
-    n_groups = n_in // g
-    scales = torch.zeros(n_out, n_groups, dtype=dt, device=W.device)
-    zeros = torch.zeros_like(scales)
-    col_group = [0] * n_in  # permuted position -> group
-    static = static_groups or fmt.group_size == -1
-    order = perm.tolist() if perm is not None else list(range(n_in))
+    order = perm.tolist() if perm is not None else range(n_in)
+    codes = torch.empty(n_out, n_in, dtype=torch.uint8, device=W.device)
+    col_group = torch.empty(n_in, dtype=torch.int32)  # permuted position -> group
+    scales = s_all if static else torch.empty(n_out, n_in // g, dtype=dt, device=W.device)
+    zeros = z_all if static else torch.empty_like(scales)
     loss = torch.zeros((), dtype=dt, device=W.device)
-    s = z = None
-    for i1 in range(0, n_in, block_size):
+    for i1 in range(0, n_in, block_size):  # Algorithm 1, line 3: lazy batches of B columns
         i2 = min(i1 + block_size, n_in)
         W1 = W[:, i1:i2].clone()
-        Win = torch.empty_like(W1)  # each column as it was when quantized (for the loss)
-        Q1 = torch.empty_like(W1)
-        Err1 = torch.empty_like(W1)
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        for i in range(i2 - i1):  # line 4
             col = i1 + i
-            if static:
-                grp = order[col] // g
-                s, z = s_all[:, grp], z_all[:, grp]
-            else:
-                grp = col // g
-                if col % g == 0:
-                    # first column of a group: parameters from W[:, col:col+g], which holds the updates of
-                    # earlier lazy blocks but not this block's (the reference; exact when g == block_size)
-                    s, z = _col_qparams(W[:, col:col + g], fmt)
-                    scales[:, grp], zeros[:, grp] = s, z
+            grp = order[col] // g if static else col // g
+            if not static and col % g == 0:
+                # first column of a group: parameters from W[:, col:col+g] as updated by earlier lazy
+                # blocks (not this block's in-place updates; exact when g == block_size)
+                scales[:, grp], zeros[:, grp] = _slice_qparams(W[:, col:col + g], fmt)
             col_group[col] = grp
-            w = W1[:, i]
-            Win[:, i] = w
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            codes[:, col] = q
-            wq = Q1[:, i]
-            torch.mul(q - z, s, out=wq)
-            err = Err1[:, i]
-            torch.div(w - wq, U1[i, i], out=err)
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-        loss += (((Win - Q1) / torch.diag(U1)[None, :]) ** 2).sum() / 2
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            s, z = scales[:, grp:grp + 1], zeros[:, grp:grp + 1]
+            w = W1[:, i:i + 1]
+            q = affine.quantize(w, s, z, row_fmt)  # line 5: Q[:, j] = quant(W[:, j])
+            codes[:, col:col + 1] = q
+            Q1[:, i:i + 1] = affine.dequantize(q, s, z, row_fmt)
+            d = U1[i, i]
+            Losses1[:, i] = (w[:, 0] - Q1[:, i]) ** 2 / d**2
+            Err1[:, i] = (w[:, 0] - Q1[:, i]) / d  # line 6: E[:, j-i] = (W[:, j] - Q[:, j]) / [H^-1]_jj
+            W1[:, i:].addr_(Err1[:, i], U1[i, i:], alpha=-1)  # line 7: update the block's later columns
+        loss += Losses1.sum() / 2
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # line 9: lazy update of all later columns
 
-    if static_groups or fmt.group_size == -1:
-        scales, zeros = s_all, z_all
-    cg = torch.tensor(col_group, dtype=torch.int32, device=W.device)
-    inv = torch.argsort(perm) if perm is not None else None
-    if inv is not None:
-        codes, cg = codes[:, inv], cg[inv]
-    g_idx = cg
-    codes_u8 = codes.to(torch.uint8)
-    weight = dequantize_gidx(codes_u8, scales, zeros, g_idx)
-    return GPTQLayerResult(codes_u8, scales, zeros, g_idx, perm, weight, float(loss), damp_used, int(dead.sum()))
+    g_idx = col_group.to(W.device)
+    if perm is not None:  # back to the original column order
+        inv = torch.argsort(perm)
+        codes, g_idx = codes[:, inv], g_idx[inv]
+    zeros_u8 = zeros.to(torch.uint8)
+    weight = dequantize_gidx(codes, scales, zeros_u8, g_idx, fmt)
+    return GPTQLayerResult(codes, scales, zeros_u8, g_idx, perm, weight, float(loss), damp_used, int(dead.sum()))

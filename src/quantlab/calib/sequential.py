@@ -196,14 +196,17 @@ class BlockContext:
         return outs
 
     @torch.no_grad()
-    def collect(self, names: Sequence[str], fn: InputFn, early_exit: bool = True) -> None:
+    def collect(self, names: Sequence[str], fn: InputFn, early_exit: bool = True) -> list[torch.Tensor] | None:
         """Run every chunk through the block, calling ``fn`` with the input of each module in ``names``.
 
         With ``early_exit`` the forward of a chunk stops as soon as every listed module has
         received its input (later layers are not computed), so collecting the inputs of early
-        modules costs only the part of the block before them.
+        modules costs only the part of the block before them. Without it, the block's outputs
+        (one per chunk, computed with the weights as they were during the pass) are returned, so a
+        method that does not change the block inside ``fn`` can reuse them instead of a second pass.
         """
         mods = {n: self.block.get_submodule(n) for n in names}
+        outs: list[torch.Tensor] = []
         for ci, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
             fired: set[str] = set()
 
@@ -220,7 +223,9 @@ class BlockContext:
 
             handles = [m.register_forward_pre_hook(make(n), with_kwargs=True) for n, m in mods.items()]
             try:
-                self.block(h, **kw)
+                out = _block_output(self.block(h, **kw))
+                check_finite(out, f"the output of {self.name} (chunk {ci})")
+                outs.append(out)
             except _StopForward:
                 pass
             finally:
@@ -229,6 +234,7 @@ class BlockContext:
             missing = set(mods) - fired
             if missing:
                 raise RuntimeError(f"{self.name}: modules {sorted(missing)} were not called in the block's forward")
+        return None if early_exit else outs
 
 
 # A callback may return the block's outputs (one tensor per chunk, computed with its final weights),

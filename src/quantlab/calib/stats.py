@@ -42,7 +42,7 @@ def collect_group_absmax(
     """
     stats: dict[str, torch.Tensor] = {}
 
-    def per_block(ctx: BlockContext) -> None:
+    def per_block(ctx: BlockContext) -> list[torch.Tensor]:
         groups = {g.linears[0]: g for g in mapping.applicable_groups(ctx.block)}
 
         def on_input(name: str, x: torch.Tensor, _kw: dict[str, Any], _chunk: int) -> None:
@@ -50,8 +50,9 @@ def collect_group_absmax(
             m = reduce_absmax(x).cpu()
             stats[key] = m if key not in stats else torch.maximum(stats[key], m)
 
-        ctx.collect(list(groups), on_input, early_exit=True)
+        # one pass: statistics and the block's (unmodified, full-precision) outputs for the next block
+        return ctx.collect(list(groups), on_input, early_exit=False)
 
-    run_sequential(model, mapping, tokens, per_block, device=device, batch_size=batch_size, propagate="fp",
+    run_sequential(model, mapping, tokens, per_block, device=device, batch_size=batch_size, propagate="quantized",
                    desc="activation absmax")
     return stats

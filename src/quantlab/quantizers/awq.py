@@ -1,10 +1,22 @@
-"""AWQ on the shared calibration engine (reference: ``llm-awq run_awq``; AutoAWQ for the RTN step).
+"""AWQ (Lin et al. 2023) on the shared calibration engine; reference ``llm-awq run_awq``, AutoAWQ for RTN.
 
-Per decoder block, with inputs from the *full-precision* previous blocks (no error propagation,
-as in the reference): capture the inputs of every scaling group's inspected module once; for each
-group (mapping order: norm -> q/k/v, [v -> o without GQA], norm -> gate/up, up -> down) grid-search
-the scales against the fp output of the inspected module, fold the best ones (exact); then search
-a clip value per weight group for every Linear but q/k; then RTN-quantize the block's Linears.
+Per decoder block, with inputs computed by the *full-precision* previous blocks (``propagate="fp"``:
+no error propagation, as in the reference):
+
+1. ONE forward over the calibration set captures, for every scaling group, the per-channel sum of
+   ``|x|`` of its input (eq. 5's ``s_X``), the inputs and keyword arguments of its inspected module
+   (a whole attention or MLP; a Linear inspected on its own only needs ``X^T X``), and a fixed-stride
+   sample of 512 input tokens of every Linear the clip search will see.
+2. For each group in mapping order: the fp output of the inspected module once, then for each grid
+   ratio the group's weights are set to ``Q(W s)/s`` and eq. 4's loss (fp32 MSE over all output
+   elements) is measured; the original weights are restored from a saved copy. The best ``s`` is
+   folded exactly (:func:`~quantlab.algorithms.smoothing.fold_scales`) and the cached inputs of the
+   group's Linears are divided by it (llm-awq ``apply_scale``).
+3. Clip search for every target Linear except q/k (llm-awq ``auto_clip_block``), written into the
+   weights; then RTN (:func:`~quantlab.formats.affine.fake_quantize`) of the block's target Linears.
+
+Artifacts (re-applied bit for bit by ``load_artifacts``): ``awq.scale.<block>.<group key>`` (in,) and
+``awq.clip.<linear>`` (out, n_groups).
 """
 from __future__ import annotations
 
@@ -18,31 +30,38 @@ from torch import nn
 
 from quantlab.algorithms import awq as A
 from quantlab.algorithms.smoothing import fold_scales
-from quantlab.calib.sequential import BlockContext, run_sequential
+from quantlab.calib.sequential import BlockContext, on_device, run_sequential
 from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
-from quantlab.models.mappings import ScaleGroup, get_mapping
+from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping
 from quantlab.quantizers import artifacts
 from quantlab.quantizers.base import CalibratedConfig, Quantizer, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
 
 log = logging.getLogger(__name__)
-NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")  # llm-awq auto_clip skips these
+
+NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")  # llm-awq auto_clip_block: clipping breaks QK^T
+SEARCH_BATCH_TOKENS = 2048  # tokens per forward of the scale search (bounds activation memory)
+GQA_REASON = "prev and consumer shapes differ (grouped-query attention)"
 
 
 @dataclass(frozen=True)
 class AWQConfig(CalibratedConfig):
-    """AWQ settings (defaults: the paper / llm-awq).
+    """AWQ settings; the defaults are the paper's and llm-awq's.
 
     Attributes:
-        format: weight format (w4 g128 asymmetric min/max, zero point).
-        n_grid: scale-search grid size (ratios 0, 1/n, ..., (n-1)/n).
-        duo_scaling: AutoAWQ's weight term in the scales (off: the paper and llm-awq).
-        clip / clip_n_grid / clip_max_shrink / clip_tokens: the clip search (llm-awq auto_clip).
-        search_tokens: None = the scale-search loss uses every calibration token (the reference);
-            N = whole sequences evenly strided over the set, about N tokens (a speed option).
+        format: weight format (default 4-bit, groups of 128, asymmetric min/max with zero point).
+        n_grid: eq. 5 grid size: alpha in 0, 1/n, ..., (n-1)/n (20: 0..0.95).
+        duo_scaling: AutoAWQ's weight term ``s = s_X^a / w_mean^(1-a)`` (AutoAWQ default True; the paper
+            and llm-awq: False).
+        clip: run the clip search (llm-awq ``auto_clip``; q/k projections are never clipped).
+        clip_n_grid / clip_max_shrink: clamp candidates ``absmax (1 - i/n)`` for ``i < max_shrink n``.
+        clip_tokens: input tokens (fixed stride over the calibration set) the clip search uses.
+        search_tokens: None = eq. 4's loss over every calibration token (the reference). N = only
+            whole calibration sequences, evenly strided over the set, adding up to about N tokens
+            (a speed option; ``s_X`` and the clip sample still use every token).
     """
 
     format: QuantFormat = field(default_factory=QuantFormat)
@@ -57,143 +76,287 @@ class AWQConfig(CalibratedConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("n_grid", "clip_n_grid", "clip_tokens"):
-            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
-                raise ConfigError(f"quantizer.{key}", f"must be an integer >= 1, got {getattr(self, key)!r}")
+            v = getattr(self, key)
+            if not is_int(v) or v < 1:
+                raise ConfigError(f"quantizer.{key}", f"must be an integer >= 1, got {v!r}")
         for key in ("duo_scaling", "clip"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"quantizer.{key}", f"must be true or false, got {getattr(self, key)!r}")
         ms = self.clip_max_shrink
         if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 < ms < 1:
-            raise ConfigError("quantizer.clip_max_shrink", f"must be in (0, 1), got {ms!r}")
+            raise ConfigError("quantizer.clip_max_shrink", f"must be a number in (0, 1), got {ms!r}")
+        if int(ms * self.clip_n_grid) < 1:
+            raise ConfigError("quantizer.clip_max_shrink", f"{ms} x clip_n_grid={self.clip_n_grid} leaves no candidate")
         st = self.search_tokens
         if st is not None and (not is_int(st) or st < 1):
-            raise ConfigError("quantizer.search_tokens", f"must be null or an integer >= 1, got {st!r}")
+            raise ConfigError("quantizer.search_tokens", f"must be null (every token) or an integer >= 1, got {st!r}")
 
 
 def _out(o: Any) -> torch.Tensor:
     return o[0] if isinstance(o, tuple) else o
 
 
+def _take(value: Any, idx: torch.Tensor, batch: int) -> Any:
+    """Rows ``idx`` of every tensor in a module's kwargs whose first dim is the batch (others broadcast)."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, idx.to(value.device)) if batch > 1 and value.dim() and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_take(v, idx, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _take(v, idx, batch) for k, v in value.items()}
+    return value
+
+
+def search_sequences(n_samples: int, seqlen: int, search_tokens: int | None) -> torch.Tensor | None:
+    """Indices of the calibration sequences eq. 4's loss uses: None (all) or ~search_tokens/seqlen, evenly strided."""
+    if search_tokens is None:
+        return None
+    k = max(1, min(n_samples, round(search_tokens / seqlen)))
+    return torch.arange(k) * n_samples // k
+
+
+@dataclass
+class _BlockCache:
+    """What the block's single collect pass keeps (see the module docstring, step 1)."""
+
+    stat_names: set[str]
+    direct: set[str]
+    gram: set[str]
+    clip: set[str]
+    step: int
+    keep: torch.Tensor | None
+    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = field(default_factory=dict)
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    gram_tokens: dict[str, int] = field(default_factory=dict)
+    clip_x: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    n_tokens: int = 0
+    _tok0: list[int] = field(default_factory=list)
+    _seq0: list[int] = field(default_factory=list)
+
+    def offsets(self, hidden: list[torch.Tensor]) -> None:
+        """First token / sequence index of every chunk in the whole calibration set."""
+        tok = seq = 0
+        for h in hidden:
+            self._tok0.append(tok)
+            self._seq0.append(seq)
+            tok, seq = tok + h.shape[0] * h.shape[1], seq + h.shape[0]
+        self.n_tokens = tok
+
+    def __call__(self, name: str, x: torch.Tensor, kw: dict[str, Any], chunk: int) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        dt = A.compute_dtype(x)
+        if name in self.stat_names:  # eq. 5's s_X: sum |x| over every token
+            s = sum(c.abs().sum(dim=0, dtype=dt) for c in flat.split(SEARCH_BATCH_TOKENS))  # bounded temporaries
+            self.abs_sum[name] = self.abs_sum[name] + s if name in self.abs_sum else s
+        if name in self.clip:  # llm-awq: tokens 0::step of the whole (flattened) calibration set
+            first = (-self._tok0[chunk]) % self.step
+            self.clip_x.setdefault(name, []).append(flat[first::self.step].to(dt, copy=True))
+        if name in self.direct or name in self.gram:
+            for xs, kws in self._search_batches(x, kw, chunk):
+                if name in self.direct:
+                    self.inputs.setdefault(name, []).append((xs, kws))
+                else:
+                    xf = xs.reshape(-1, xs.shape[-1]).to(dt)
+                    h = xf.T @ xf
+                    self.grams[name] = self.grams[name] + h if name in self.grams else h
+                    self.gram_tokens[name] = self.gram_tokens.get(name, 0) + xf.shape[0]
+
+    def _search_batches(self, x: torch.Tensor, kw: dict[str, Any], chunk: int):
+        """The chunk's search sequences in sub-batches of <= SEARCH_BATCH_TOKENS tokens (views when contiguous)."""
+        b = x.shape[0]
+        per = max(1, SEARCH_BATCH_TOKENS // max(x.shape[1], 1))
+        if self.keep is None:
+            for i in range(0, b, per):
+                idx = torch.arange(i, min(b, i + per))
+                yield x[i:i + per], (_take(kw, idx, b) if b > per else kw)
+            return
+        local = self.keep[(self.keep >= self._seq0[chunk]) & (self.keep < self._seq0[chunk] + b)] - self._seq0[chunk]
+        for i in range(0, local.numel(), per):
+            idx = local[i:i + per]
+            yield x.index_select(0, idx.to(x.device)), _take(kw, idx, b)
+
+
 @register_quantizer("awq", AWQConfig)
 class AWQQuantizer(Quantizer[AWQConfig]):
-    """AWQ scale + clip search, then RTN."""
+    """AWQ: activation-aware scale search (eq. 4-5), clip search, then group-wise RTN."""
 
     requires_calibration = True
 
-    @torch.no_grad()
-    def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
+    def validate(self, model: nn.Module) -> None:
+        super().validate(model)
+        self._block_targets(model, get_mapping(model))
+
+    def _block_targets(self, model: nn.Module, mapping: ArchMapping) -> set[str]:
         targets = {name for name, _ in self.target_linears(model)}
-        mapping = get_mapping(model)
         outside = sorted(t for t in targets if not t.startswith(mapping.layers + "."))
         if outside:
-            raise ConfigError("quantizer.include", f"awq covers decoder-block Linears only; got {outside[:5]}")
+            raise ConfigError("quantizer.exclude", f"awq quantizes decoder-block Linears only; exclude {outside[:5]}")
+        return targets
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
+        mapping = get_mapping(model)
+        targets = self._block_targets(model, mapping)
         if self.config.load_artifacts:
-            return self._reapply(model, mapping, targets)
+            return self._reapply(model, mapping, targets, ctx.device)
         if calib is None:
             raise ConfigError("calib", "awq needs calibration data")
-        st = self.config.search_tokens
-        n, t = calib.tokens.shape
-        keep = None if st is None else torch.linspace(0, n - 1, min(n, -(-st // t))).round().long().unique()
-        state: dict[str, Any] = {"arts": {}, "rows": [], "skipped": [], "ref": {} if ctx.keep_reference_weights else None}
+        cfg = self.config
+        n, seqlen = calib.tokens.shape
+        keep = search_sequences(n, seqlen, cfg.search_tokens)
+        st: dict[str, Any] = {"arts": {}, "rows": [], "skipped": {}, "clipped": 0,
+                              "ref": {} if ctx.keep_reference_weights else None}
         t0 = time.perf_counter()
-        run_sequential(model, mapping, calib.tokens, lambda b: self._block(b, targets, keep, state), device=ctx.device,
-                       batch_size=self.config.batch_size, propagate="fp", desc="awq")
-        rows = state["rows"]
+        run_sequential(model, mapping, calib.tokens, lambda b: self._block(b, targets, keep, st), device=ctx.device,
+                       batch_size=cfg.batch_size, propagate="fp", desc="awq")
+        rows = st["rows"]
         summary = {
             "n_layers": len(targets), "groups_searched": len(rows),
             "mean_best_ratio": sum(r["best_ratio"] for r in rows) / max(len(rows), 1),
-            "groups_skipped": sorted(set(state["skipped"])), "duo_scaling": self.config.duo_scaling,
-            "search_tokens": None if keep is None else int(len(keep) * t), "search_s": round(time.perf_counter() - t0, 3),
+            "groups_skipped": sorted(st["skipped"]), "groups_skipped_reason": dict(sorted(st["skipped"].items())),
+            "layers_clipped": st["clipped"], "duo_scaling": cfg.duo_scaling,
+            "search_tokens": int(n * seqlen if keep is None else keep.numel() * seqlen),
+            "calib_tokens": int(n * seqlen), "search_s": round(time.perf_counter() - t0, 3),
         }
-        return QuantResult(model=model, quantized_layers=sorted(targets), artifacts=state["arts"], summary=summary,
-                           tables={"awq_scales": rows}, reference_weights=state["ref"])
+        log.info("awq %s: %d groups searched (mean ratio %.3f), %d layers clipped, skipped %s, %.1fs",
+                 cfg.format.short_name(), len(rows), summary["mean_best_ratio"], st["clipped"],
+                 summary["groups_skipped"], summary["search_s"])
+        return QuantResult(model=model, quantized_layers=sorted(targets), artifacts=st["arts"], summary=summary,
+                           tables={"awq_scales": rows}, reference_weights=st["ref"])
 
     # ------------------------------------------------------------------ one block
-    def _block(self, b: BlockContext, targets: set[str], keep: torch.Tensor | None, state: dict) -> None:
+    def _groups(self, block: nn.Module, mapping: ArchMapping, block_name: str, targets: set[str]
+                ) -> tuple[list[ScaleGroup], dict[str, str]]:
+        """The groups to search, and ``key -> reason`` for those skipped (GQA, or Linears not selected)."""
+        ok = mapping.applicable_groups(block)
+        skipped = {g.key: GQA_REASON for g in mapping.groups if g not in ok}
+        out = []
+        for g in ok:
+            if all(f"{block_name}.{n}" in targets for n in g.linears):
+                out.append(g)
+            else:
+                skipped[g.key] = "some of its Linears are not selected by include/exclude"
+        return out, skipped
+
+    def _block(self, b: BlockContext, targets: set[str], keep: torch.Tensor | None, st: dict[str, Any]) -> None:
         cfg = self.config
-        groups = b.mapping.applicable_groups(b.block)
-        state["skipped"] += [g.key for g in b.mapping.groups if g not in groups]
-        inputs: dict[str, list] = {g.inspect: [] for g in groups}
-        xsum: dict[str, torch.Tensor] = {}
-        starts = [0]
-        for h in b.inputs.hidden:
-            starts.append(starts[-1] + h.shape[0])
-
-        def on_input(name: str, x: torch.Tensor, kw: dict, chunk: int) -> None:
-            flat = x.reshape(-1, x.shape[-1]).abs().float().sum(dim=0)
-            xsum[name] = xsum[name] + flat if name in xsum else flat
-            if keep is None:
-                inputs[name].append((x, kw))
-                return
-            sel = torch.isin(torch.arange(x.shape[0]) + starts[chunk], keep)
-            if sel.any():
-                inputs[name].append((x[sel.to(x.device)], kw))
-
-        b.collect(list(inputs), on_input, early_exit=False)
-        n_tok = b.inputs.n_tokens
-        for g in groups:
-            x_mean = xsum[g.inspect] / n_tok
-            s, row = self._search_group(b, g, inputs[g.inspect], x_mean)
-            fold_scales(b.block, g, s)
-            inputs[g.inspect] = [(x / s.to(x.dtype), kw) for x, kw in inputs[g.inspect]]  # the cached input is now x/s
-            state["arts"][f"awq.scale.{b.name}.{g.key}"] = s.cpu()
-            state["rows"].append({"block": b.name, "group": g.key, **row})
+        groups, skipped = self._groups(b.block, b.mapping, b.name, targets)
+        st["skipped"].update(skipped)
         rel_t = [n[len(b.name) + 1:] for n in sorted(targets) if n.startswith(b.name + ".")]
-        if state["ref"] is not None:
-            state["ref"].update({b.full_name(r): b.module(r).weight.detach().to("cpu", copy=True) for r in rel_t})
-        if cfg.clip:
-            owner = {lin: g for g in groups for lin in g.linears}
-            for rel in rel_t:
-                if any(tag in rel for tag in NO_CLIP) or rel not in owner:
-                    continue
-                x = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in inputs[owner[rel].inspect]])
-                x = x[:: max(1, x.shape[0] // cfg.clip_tokens)][: cfg.clip_tokens]
-                w = b.module(rel).weight
-                m = A.search_clip(w.data, x, cfg.format, cfg.clip_n_grid, cfg.clip_max_shrink)
-                w.data.copy_(A.apply_clip(w.data, m, cfg.format))
-                state["arts"][f"awq.clip.{b.full_name(rel)}"] = m.float().cpu()
-        for rel in rel_t:
+        cache = self._capture(b, groups, rel_t, keep)
+        for i, g in enumerate(groups):
+            s, row = self._search_group(b, g, cache)
+            fold_scales(b.block, g, s)
+            for lin in g.linears:  # llm-awq apply_scale: the cached inputs of the scaled Linears become x / s
+                if lin in cache.clip_x:
+                    cache.clip_x[lin] = [x / s.to(x) for x in cache.clip_x[lin]]
+            if all(g.inspect != later.inspect for later in groups[i + 1:]):
+                cache.inputs.pop(g.inspect, None)
+                cache.grams.pop(g.inspect, None)
+            st["arts"][f"awq.scale.{b.name}.{g.key}"] = s.cpu()
+            st["rows"].append({"block": b.name, "group": g.key, **row})
+            log.debug("awq %s %s: ratio %.2f loss %.4g (ratio 0: %.4g)", b.name, g.key, row["best_ratio"],
+                      row["loss_best"], row["loss_ratio0"])
+        if st["ref"] is not None:  # what is clipped and rounded: the scaled fp weights
+            st["ref"].update({b.full_name(r): b.module(r).weight.detach().to("cpu", copy=True) for r in rel_t})
+        for rel in sorted(cache.clip_x):
             w = b.module(rel).weight
-            w.data.copy_(affine.fake_quantize(w.data, cfg.format))
+            m = A.search_clip(w.data, torch.cat(cache.clip_x.pop(rel)), cfg.format, cfg.clip_n_grid, cfg.clip_max_shrink)
+            w.data.copy_(A.apply_clip(w.data, m, cfg.format))
+            st["arts"][f"awq.clip.{b.full_name(rel)}"] = m.cpu()
+            st["clipped"] += 1
+        _rtn(b.block, rel_t, cfg.format)
 
-    def _search_group(self, b: BlockContext, g: ScaleGroup, data: list, x_mean: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Grid search of eq. 5 for one group; loss = MSE of the inspected module's output (fp32)."""
+    def _capture(self, b: BlockContext, groups: list[ScaleGroup], rel_t: list[str], keep: torch.Tensor | None
+                 ) -> _BlockCache:
+        """The single collect pass (early_exit=False: the down_proj input is the last thing computed)."""
         cfg = self.config
-        mod = b.module(g.inspect)
+        gram = {g.inspect for g in groups if g.linears == (g.inspect,) and isinstance(b.module(g.inspect), nn.Linear)}
+        clip = {r for r in rel_t if cfg.clip and not any(t in r.rsplit(".", 1)[-1] for t in NO_CLIP)}
+        cache = _BlockCache(stat_names={g.linears[0] for g in groups}, direct={g.inspect for g in groups} - gram,
+                            gram=gram, clip=clip, step=A.sample_stride(b.inputs.n_tokens, cfg.clip_tokens), keep=keep)
+        cache.offsets(b.inputs.hidden)
+        names = sorted(cache.stat_names | cache.direct | cache.gram | cache.clip)
+        if names:
+            b.collect(names, cache, early_exit=False)
+        return cache
+
+    def _search_group(self, b: BlockContext, g: ScaleGroup, cache: _BlockCache) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Eq. 5's grid search for one group: ``(best s, table row)``."""
+        cfg = self.config
         lins = [b.module(n) for n in g.linears]
         orig = [lin.weight.data.clone() for lin in lins]
-        fp_out = [_out(mod(x, **kw)).float() for x, kw in data]
-        numel = sum(o.numel() for o in fp_out)
-        w_mean = A.weight_mean(orig, cfg.format).to(x_mean.device) if cfg.duo_scaling else None
-        losses = []
-        best = (float("inf"), None, None)
-        for r in A.grid_ratios(cfg.n_grid):
-            s = A.candidate_scales(x_mean, r, w_mean)
+        x_mean = cache.abs_sum[g.linears[0]] / cache.n_tokens
+        w_mean = A.weight_mean(orig, cfg.format) if cfg.duo_scaling else None
+        if g.inspect in cache.gram:
+            gram, n_tok = cache.grams[g.inspect], cache.gram_tokens[g.inspect]
+
+            def loss_of(s: torch.Tensor) -> float:
+                return A.quadratic_loss(A.scaled_fake_quant(orig[0], s, cfg.format), orig[0], gram, n_tok)
+        else:
+            loss_of = self._module_loss(b.module(g.inspect), lins, orig, cache.inputs[g.inspect])
+        losses: list[float] = []
+        best: tuple[float, float, torch.Tensor | None] = (float("inf"), -1.0, None)
+        try:
+            for r in A.grid_ratios(cfg.n_grid):
+                s = A.candidate_scales(x_mean, r, w_mean)
+                losses.append(loss_of(s))
+                if losses[-1] < best[0]:  # strict: ties keep the smaller ratio, NaN never wins
+                    best = (losses[-1], r, s)
+        finally:
             for lin, w0 in zip(lins, orig):
-                lin.weight.data.copy_(A.scaled_fake_quant(w0, s, cfg.format))
-            loss = sum(float((_out(mod(x, **kw)).float() - ref).pow(2).sum()) for (x, kw), ref in zip(data, fp_out)) / numel
-            losses.append(loss)
-            if loss < best[0]:
-                best = (loss, r, s)
-        for lin, w0 in zip(lins, orig):
-            lin.weight.data.copy_(w0)
+                lin.weight.data.copy_(w0)
         if best[2] is None:
-            raise FloatingPointError(f"awq: no finite loss for {b.name}.{g.key} (losses {losses[:3]}...)")
+            raise FloatingPointError(f"awq: no finite scale-search loss for {b.name}.{g.key} (losses {losses[:3]}...)")
         return best[2], {"best_ratio": best[1], "loss_best": best[0], "loss_ratio0": losses[0]}
 
-    def _reapply(self, model: nn.Module, mapping: Any, targets: set[str]) -> QuantResult:
-        src = self.config.load_artifacts
-        tensors, _ = artifacts.load_artifacts(src, self.name)
+    def _module_loss(self, mod: nn.Module, lins: list[nn.Module], orig: list[torch.Tensor], batches: list):
+        """Eq. 4 through the inspected module: fp outputs once, then per candidate ``mean((f(X; Q(Ws)/s) - f(X; W))^2)``."""
         fmt = self.config.format
+        dt = A.compute_dtype(orig[0])
+        refs = [_out(mod(x, **kw)).to(dt) for x, kw in batches]
+        numel = sum(r.numel() for r in refs)
+
+        def loss_of(s: torch.Tensor) -> float:
+            for lin, w0 in zip(lins, orig):
+                lin.weight.data.copy_(A.scaled_fake_quant(w0, s, fmt))
+            total = 0.0
+            for (x, kw), ref in zip(batches, refs):
+                out = _out(mod(x, **kw))
+                d = out.sub_(ref) if out.dtype == dt else out.to(dt).sub_(ref)
+                total += float(torch.dot(d.view(-1), d.view(-1)))
+            return total / numel
+
+        return loss_of
+
+    # ------------------------------------------------------------------ re-apply saved artifacts
+    def _reapply(self, model: nn.Module, mapping: ArchMapping, targets: set[str], device: torch.device) -> QuantResult:
+        src = self.config.load_artifacts
+        tensors, _saved = artifacts.load_artifacts(src, self.name)
+        fmt = self.config.format
+        n_clip = 0
         for i, block in enumerate(mapping.blocks(model)):
             name = mapping.block_name(i)
-            for g in mapping.applicable_groups(block):
-                fold_scales(block, g, artifacts.require(tensors, f"awq.scale.{name}.{g.key}", src))
-            for full in sorted(t for t in targets if t.startswith(name + ".")):
-                w = model.get_submodule(full).weight
-                clip = tensors.get(f"awq.clip.{full}")
-                if clip is not None:
-                    w.data.copy_(A.apply_clip(w.data, clip, fmt))
-                w.data.copy_(affine.fake_quantize(w.data, fmt))
-        log.info("awq: re-applied scales and clips from %s", src)
-        return QuantResult(model=model, quantized_layers=sorted(targets), summary={"n_layers": len(targets), "loaded_from": str(src)})
+            with on_device([block], device):
+                groups, _ = self._groups(block, mapping, name, targets)
+                for g in groups:
+                    fold_scales(block, g, artifacts.require(tensors, f"awq.scale.{name}.{g.key}", src))
+                rel_t = [n[len(name) + 1:] for n in sorted(targets) if n.startswith(name + ".")]
+                for rel in rel_t:
+                    clip = tensors.get(f"awq.clip.{name}.{rel}")
+                    if clip is not None:
+                        w = block.get_submodule(rel).weight
+                        w.data.copy_(A.apply_clip(w.data, clip, fmt))
+                        n_clip += 1
+                _rtn(block, rel_t, fmt)
+        log.info("awq: re-applied scales and %d clips from %s", n_clip, src)
+        return QuantResult(model=model, quantized_layers=sorted(targets),
+                           summary={"n_layers": len(targets), "layers_clipped": n_clip, "loaded_from": str(src)})
+
+
+def _rtn(block: nn.Module, rels: list[str], fmt: QuantFormat) -> None:
+    """Group-wise round-to-nearest of the block's target Linears (AutoAWQ's final step)."""
+    for rel in rels:
+        w = block.get_submodule(rel).weight
+        w.data.copy_(affine.fake_quantize(w.data, fmt))
