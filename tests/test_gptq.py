@@ -76,9 +76,9 @@ def _naive_gptq(W, H, fmt, *, damp=0.01, act_order=False, static_groups=False, f
     """Column by column, every update applied to all remaining columns at once (no lazy batches).
 
     ``form="cholesky"``: the update row is the row of the upper Cholesky factor of the full damped
-    H^-1 (paper "Step 3"). ``form="obs"``: the paper's eq. 3 with the explicit inverse, then eq. 4
-    (Gaussian elimination of the quantized column from H^-1) - an independent check of the Cholesky
-    reformulation. Dynamic groups take their parameters from the fully updated W.
+    H^-1 (paper "Step 3"). ``form="obs"``: the OBQ update of the paper's eq. 2 with the explicit inverse,
+    then eq. 3 (Gaussian elimination of the quantized column from H^-1) - an independent check of the
+    Cholesky reformulation. Dynamic groups take their parameters from the fully updated W.
     """
     W, H = W.clone(), H.clone()
     n = W.shape[1]

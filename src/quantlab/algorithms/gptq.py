@@ -4,7 +4,7 @@ Transformers", arXiv:2210.17323): pure math on tensors, mirroring the reference 
 
 Per Linear with weight W (out, in) and calibration inputs X, GPTQ minimises ``||W X - Q X||^2``
 (paper eq. 1) column by column. With ``H = 2 X X^T`` the Optimal-Brain-Quantization step for
-column q (paper eq. 2-3) is::
+column q (paper eq. 2, with eq. 3 then removing q from H^-1) is::
 
     err   = (w_q - quant(w_q)) / [H^-1]_qq
     W[:, q+1:] -= err * [H^-1]_{q, q+1:}
@@ -116,7 +116,7 @@ def dequantize_gidx(
 def inverse_hessian_factor(
     H: torch.Tensor, damp: float, damp_increment: float, max_damp: float
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of ``(H + lambda I)^-1``, ``lambda = damp * mean(diag H)`` (Algorithm 1, line 2).
+    """Upper Cholesky factor U of ``(H + lambda I)^-1``, ``lambda = damp * mean(diag H)`` (Algorithm 1, line 3).
 
     ``L = chol(H + lambda I)``; ``H^-1 = cholesky_inverse(L)``; ``U = chol(H^-1, upper)``. When a
     factorisation fails, ``damp`` grows by ``damp_increment`` until ``max_damp`` (as GPTQModel's
@@ -207,7 +207,6 @@ def gptq_quantize_weight(
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian has NaN/inf entries (non-finite or overflowing calibration inputs)")
     n_out, n_in = W.shape
-    row_fmt = _per_row(fmt)
     static = static_groups or fmt.group_size == -1
     if fmt.group_size == -1:  # reference: quantizer.find_params(W) before the dead-column fix
         s_all, z_all = affine.choose_qparams(W, fmt)
@@ -232,32 +231,35 @@ def gptq_quantize_weight(
     scales = s_all if static else torch.empty(n_out, n_in // g, dtype=dt, device=W.device)
     zeros = z_all if static else torch.empty_like(scales)
     loss = torch.zeros((), dtype=dt, device=W.device)
-    for i1 in range(0, n_in, block_size):  # Algorithm 1, line 3: lazy batches of B columns
+    maxq = fmt.maxq
+    for i1 in range(0, n_in, block_size):  # Algorithm 1, line 4: lazy batches of B columns
         i2 = min(i1 + block_size, n_in)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
+        Win = torch.empty_like(W1)  # each column as it was when quantized (for the loss)
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):  # line 4
+        for i in range(i2 - i1):  # line 5
             col = i1 + i
             grp = order[col] // g if static else col // g
             if not static and col % g == 0:
                 # first column of a group: parameters from W[:, col:col+g] as updated by earlier lazy
-                # blocks (not this block's in-place updates; exact when g == block_size)
+                # blocks (not this block's in-place updates; exact when each group starts a block)
                 scales[:, grp], zeros[:, grp] = _slice_qparams(W[:, col:col + g], fmt)
             col_group[col] = grp
-            s, z = scales[:, grp:grp + 1], zeros[:, grp:grp + 1]
-            w = W1[:, i:i + 1]
-            q = affine.quantize(w, s, z, row_fmt)  # line 5: Q[:, j] = quant(W[:, j])
-            codes[:, col:col + 1] = q
-            Q1[:, i:i + 1] = affine.dequantize(q, s, z, row_fmt)
-            d = U1[i, i]
-            Losses1[:, i] = (w[:, 0] - Q1[:, i]) ** 2 / d**2
-            Err1[:, i] = (w[:, 0] - Q1[:, i]) / d  # line 6: E[:, j-i] = (W[:, j] - Q[:, j]) / [H^-1]_jj
-            W1[:, i:].addr_(Err1[:, i], U1[i, i:], alpha=-1)  # line 7: update the block's later columns
-        loss += Losses1.sum() / 2
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # line 9: lazy update of all later columns
+            s, z = scales[:, grp], zeros[:, grp]
+            w = W1[:, i]
+            Win[:, i] = w
+            # line 6: Q[:, j] = quant(W[:, j]), the arithmetic of affine.quantize / affine.dequantize
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            wq = Q1[:, i]
+            torch.mul(q - z, s, out=wq)
+            err = Err1[:, i]
+            torch.div(w - wq, U1[i, i], out=err)  # line 7: E[:, j-i] = (W[:, j] - Q[:, j]) / [U]_jj
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # line 8: update the block's later columns
+        loss += (((Win - Q1) / torch.diag(U1)[None, :]) ** 2).sum() / 2
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # line 10: lazy update of all later columns
 
     g_idx = col_group.to(W.device)
     if perm is not None:  # back to the original column order

@@ -6,7 +6,8 @@ no error propagation, as in the reference):
 1. ONE forward over the calibration set captures, for every scaling group, the per-channel sum of
    ``|x|`` of its input (eq. 5's ``s_X``), the inputs and keyword arguments of its inspected module
    (a whole attention or MLP; a Linear inspected on its own only needs ``X^T X``), and a fixed-stride
-   sample of 512 input tokens of every Linear the clip search will see.
+   sample of 512 input tokens of every Linear the clip search will see (one per distinct input: the
+   Linears of a scaling group share theirs).
 2. For each group in mapping order: the fp output of the inspected module once, then for each grid
    ratio the group's weights are set to ``Q(W s)/s`` and eq. 4's loss (fp32 MSE over all output
    elements) is measured; the original weights are restored from a saved copy. The best ``s`` is
@@ -122,7 +123,7 @@ class _BlockCache:
     stat_names: set[str]
     direct: set[str]
     gram: set[str]
-    clip: set[str]
+    clip: set[str]  # names whose input is sampled for the clip search (one per distinct input)
     step: int
     keep: torch.Tensor | None
     abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -248,9 +249,8 @@ class AWQQuantizer(Quantizer[AWQConfig]):
         for i, g in enumerate(groups):
             s, row = self._search_group(b, g, cache)
             fold_scales(b.block, g, s)
-            for lin in g.linears:  # llm-awq apply_scale: the cached inputs of the scaled Linears become x / s
-                if lin in cache.clip_x:
-                    cache.clip_x[lin] = [x / s.to(x) for x in cache.clip_x[lin]]
+            if g.linears[0] in cache.clip_x:  # llm-awq apply_scale: the cached input of the scaled Linears is x / s
+                cache.clip_x[g.linears[0]] = [x / s.to(x) for x in cache.clip_x[g.linears[0]]]
             if all(g.inspect != later.inspect for later in groups[i + 1:]):
                 cache.inputs.pop(g.inspect, None)
                 cache.grams.pop(g.inspect, None)
@@ -260,9 +260,11 @@ class AWQQuantizer(Quantizer[AWQConfig]):
                       row["loss_best"], row["loss_ratio0"])
         if st["ref"] is not None:  # what is clipped and rounded: the scaled fp weights
             st["ref"].update({b.full_name(r): b.module(r).weight.detach().to("cpu", copy=True) for r in rel_t})
-        for rel in sorted(cache.clip_x):
+        samples = {src: torch.cat(xs) for src, xs in cache.clip_x.items()}
+        cache.clip_x.clear()
+        for rel, src in _clip_sources(b.mapping, rel_t, cfg.clip).items():
             w = b.module(rel).weight
-            m = A.search_clip(w.data, torch.cat(cache.clip_x.pop(rel)), cfg.format, cfg.clip_n_grid, cfg.clip_max_shrink)
+            m = A.search_clip(w.data, samples[src], cfg.format, cfg.clip_n_grid, cfg.clip_max_shrink)
             w.data.copy_(A.apply_clip(w.data, m, cfg.format))
             st["arts"][f"awq.clip.{b.full_name(rel)}"] = m.cpu()
             st["clipped"] += 1
@@ -273,7 +275,7 @@ class AWQQuantizer(Quantizer[AWQConfig]):
         """The single collect pass (early_exit=False: the down_proj input is the last thing computed)."""
         cfg = self.config
         gram = {g.inspect for g in groups if g.linears == (g.inspect,) and isinstance(b.module(g.inspect), nn.Linear)}
-        clip = {r for r in rel_t if cfg.clip and not any(t in r.rsplit(".", 1)[-1] for t in NO_CLIP)}
+        clip = set(_clip_sources(b.mapping, rel_t, cfg.clip).values())
         cache = _BlockCache(stat_names={g.linears[0] for g in groups}, direct={g.inspect for g in groups} - gram,
                             gram=gram, clip=clip, step=A.sample_stride(b.inputs.n_tokens, cfg.clip_tokens), keep=keep)
         cache.offsets(b.inputs.hidden)
@@ -353,6 +355,18 @@ class AWQQuantizer(Quantizer[AWQConfig]):
         log.info("awq: re-applied scales and %d clips from %s", n_clip, src)
         return QuantResult(model=model, quantized_layers=sorted(targets),
                            summary={"n_layers": len(targets), "layers_clipped": n_clip, "loaded_from": str(src)})
+
+
+def _clip_sources(mapping: ArchMapping, rels: list[str], clip: bool) -> dict[str, str]:
+    """``Linear -> module whose input is its input`` for the Linears the clip search covers (all but q/k).
+
+    The Linears of a scaling group share one input (:class:`ScaleGroup`), observed at the group's first
+    Linear, so e.g. v_proj's sample is q_proj's input and up_proj's is gate_proj's.
+    """
+    if not clip:
+        return {}
+    first = {lin: g.linears[0] for g in mapping.groups for lin in g.linears}
+    return {r: first.get(r, r) for r in rels if not any(t in r.rsplit(".", 1)[-1] for t in NO_CLIP)}
 
 
 def _rtn(block: nn.Module, rels: list[str], fmt: QuantFormat) -> None:

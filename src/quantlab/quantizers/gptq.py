@@ -133,9 +133,12 @@ class GPTQQuantizer(Quantizer[GPTQConfig]):
         arts: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
 
-        def per_block(bctx: BlockContext) -> None:
+        def per_block(bctx: BlockContext) -> list[torch.Tensor] | None:
             subsets = _block_subsets(mapping, bctx.name, targets)
-            if self.config.true_sequential:
+            outs = None
+            if self.config.true_sequential and len(bctx.inputs.hidden) == 1:
+                outs = self._one_pass(bctx, subsets, rows, arts)  # the calibration set is one chunk
+            elif self.config.true_sequential:
                 for names in subsets:  # later subsets see the earlier ones quantized
                     accs = self._hessians(bctx, [names[0]])
                     self._quantize_subset(bctx, names, accs.pop(names[0]), rows, arts)
@@ -144,6 +147,7 @@ class GPTQQuantizer(Quantizer[GPTQConfig]):
                 for names in subsets:
                     self._quantize_subset(bctx, names, accs.pop(names[0]), rows, arts)
             log.info("gptq: %s done (%d layers so far, %.1fs)", bctx.name, len(rows), time.perf_counter() - t0)
+            return outs
 
         run_sequential(model, mapping, calib.tokens, per_block, device=ctx.device,
                        batch_size=self.config.batch_size, propagate="quantized", desc="gptq")
@@ -153,6 +157,38 @@ class GPTQQuantizer(Quantizer[GPTQConfig]):
                  summary["damp_max"], summary["damp_escalated"], summary["dead_columns"], summary["search_s"])
         return QuantResult(model=model, quantized_layers=[r["layer"] for r in rows], artifacts=arts,
                            summary=summary, tables={"gptq_layers": rows})
+
+    def _one_pass(self, bctx: BlockContext, subsets: list[list[str]], rows: list, arts: dict) -> list[torch.Tensor]:
+        """True-sequential GPTQ inside ONE forward when the whole calibration set is a single chunk.
+
+        A pre-hook on every Linear of a subset fires at the subset's first call: it builds the Hessian
+        from that input (all calibration tokens), quantizes the subset, and the forward continues with
+        the quantized weights. Each later subset therefore sees the earlier ones quantized, exactly as
+        in the multi-pass schedule, and the forward's result is the quantized block's output (the next
+        block's input), which saves the ~2.5 block forwards of the early-exit passes.
+        """
+        owner = {n: i for i, sub in enumerate(subsets) for n in sub}
+        done: set[int] = set()
+
+        def make(rel: str):
+            def pre(_mod: nn.Module, args: tuple) -> None:
+                i = owner[rel]
+                if i not in done:
+                    acc = HessianAccumulator(args[0].shape[-1])
+                    acc.add(args[0])
+                    self._quantize_subset(bctx, subsets[i], acc, rows, arts)
+                    done.add(i)
+            return pre
+
+        handles = [bctx.module(n).register_forward_pre_hook(make(n)) for n in owner]
+        try:
+            outs = bctx.forward()
+        finally:
+            for h in handles:
+                h.remove()
+        if len(done) != len(subsets):
+            raise RuntimeError(f"{bctx.name}: subsets {[subsets[i] for i in range(len(subsets)) if i not in done]} never ran")
+        return outs
 
     @staticmethod
     def _hessians(bctx: BlockContext, names: list[str]) -> dict[str, HessianAccumulator]:
