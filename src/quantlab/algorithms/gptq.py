@@ -83,6 +83,8 @@ class GPTQLayerResult:
         loss: sum of ``(w - q)^2 / [U]_qq^2 / 2`` over all columns (reference ``Losses``).
         damp: the relative damping actually used (after automatic escalation).
         dead_columns: input columns whose Hessian diagonal was 0 (their weights were zeroed).
+        row_loss: (out,) the loss of every output row (rows are independent given H, so Linears that
+            share an input can be quantized as one stacked matrix and split afterwards).
     """
 
     codes: torch.Tensor
@@ -94,6 +96,7 @@ class GPTQLayerResult:
     loss: float
     damp: float
     dead_columns: int
+    row_loss: torch.Tensor | None = None
 
 
 def dequantize_gidx(
@@ -230,7 +233,7 @@ def gptq_quantize_weight(
     col_group = torch.empty(n_in, dtype=torch.int32)  # permuted position -> group
     scales = s_all if static else torch.empty(n_out, n_in // g, dtype=dt, device=W.device)
     zeros = z_all if static else torch.empty_like(scales)
-    loss = torch.zeros((), dtype=dt, device=W.device)
+    row_loss = torch.zeros(n_out, dtype=dt, device=W.device)
     maxq = fmt.maxq
     for i1 in range(0, n_in, block_size):  # Algorithm 1, line 4: lazy batches of B columns
         i2 = min(i1 + block_size, n_in)
@@ -258,7 +261,7 @@ def gptq_quantize_weight(
             err = Err1[:, i]
             torch.div(w - wq, U1[i, i], out=err)  # line 7: E[:, j-i] = (W[:, j] - Q[:, j]) / [U]_jj
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)  # line 8: update the block's later columns
-        loss += (((Win - Q1) / torch.diag(U1)[None, :]) ** 2).sum() / 2
+        row_loss += (((Win - Q1) / torch.diag(U1)[None, :]) ** 2).sum(dim=1) / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # line 10: lazy update of all later columns
 
     g_idx = col_group.to(W.device)
@@ -267,4 +270,5 @@ def gptq_quantize_weight(
         codes, g_idx = codes[:, inv], g_idx[inv]
     zeros_u8 = zeros.to(torch.uint8)
     weight = dequantize_gidx(codes, scales, zeros_u8, g_idx, fmt)
-    return GPTQLayerResult(codes, scales, zeros_u8, g_idx, perm, weight, float(loss), damp_used, int(dead.sum()))
+    return GPTQLayerResult(codes, scales, zeros_u8, g_idx, perm, weight, float(row_loss.sum()), damp_used,
+                           int(dead.sum()), row_loss)

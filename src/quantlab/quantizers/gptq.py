@@ -200,35 +200,46 @@ class GPTQQuantizer(Quantizer[GPTQConfig]):
     def _quantize_subset(
         self, bctx: BlockContext, names: list[str], acc: HessianAccumulator, rows: list, arts: dict
     ) -> None:
-        """GPTQ every Linear of ``names`` (they share the input whose Hessian is ``acc``)."""
+        """GPTQ every Linear of ``names`` (they share the input whose Hessian is ``acc``).
+
+        GPTQ treats output rows independently given H (the update ``W[:, q:] -= err * U[q, q:]`` and the
+        group parameters are per row; act_order's permutation comes from H), so the Linears are
+        stacked into one matrix and quantized in one column loop, then split: the same algorithm with
+        one loop instead of one per Linear.
+        """
         cfg, H = self.config, acc.H  # the caller holds no other reference: freed on return
-        for rel in names:
-            mod, fqn = bctx.module(rel), bctx.full_name(rel)
-            t = time.perf_counter()
-            try:
-                res = gptq_quantize_weight(
-                    mod.weight.data, H, cfg.format, damp=cfg.damp, damp_increment=cfg.damp_increment,
-                    max_damp=cfg.max_damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                    static_groups=cfg.static_groups,
-                )
-            except HessianNotPositiveDefinite as exc:
-                raise ConfigError("quantizer.max_damp", f"{fqn}: {exc}") from None
-            mod.weight.data.copy_(res.weight.to(mod.weight.dtype))
-            self._store(fqn, res, arts)
-            rows.append({"layer": fqn, "loss": res.loss, "damp": res.damp, "dead_columns": res.dead_columns})
-            log.debug("gptq: %s loss %.4g damp %.3g dead %d (%.2fs)", fqn, res.loss, res.damp, res.dead_columns,
-                      time.perf_counter() - t)
-            if res.damp > cfg.damp:
-                log.warning("gptq: %s needed damping %.3g (configured %.3g)", fqn, res.damp, cfg.damp)
+        mods = [bctx.module(rel) for rel in names]
+        t = time.perf_counter()
+        try:
+            res = gptq_quantize_weight(
+                torch.cat([m.weight.data for m in mods], dim=0), H, cfg.format, damp=cfg.damp,
+                damp_increment=cfg.damp_increment, max_damp=cfg.max_damp, block_size=cfg.block_size,
+                act_order=cfg.act_order, static_groups=cfg.static_groups,
+            )
+        except HessianNotPositiveDefinite as exc:
+            raise ConfigError("quantizer.max_damp", f"{bctx.full_name(names[0])} (+ {len(names) - 1} sharing its input): {exc}") from None
+        r0 = 0
+        for rel, mod in zip(names, mods):
+            fqn, r1 = bctx.full_name(rel), r0 + mod.out_features
+            part = GPTQLayerResult(res.codes[r0:r1], res.scales[r0:r1], res.zeros[r0:r1], res.g_idx, res.perm,
+                                   res.weight[r0:r1], float(res.row_loss[r0:r1].sum()), res.damp, res.dead_columns)
+            mod.weight.data.copy_(part.weight.to(mod.weight.dtype))
+            self._store(fqn, part, arts)
+            rows.append({"layer": fqn, "loss": part.loss, "damp": part.damp, "dead_columns": part.dead_columns})
+            r0 = r1
+        log.debug("gptq: %s loss %.4g damp %.3g (%.2fs)", names, res.loss, res.damp, time.perf_counter() - t)
+        if res.damp > cfg.damp:
+            log.warning("gptq: %s needed damping %.3g (configured %.3g)", names, res.damp, cfg.damp)
 
     @staticmethod
     def _store(fqn: str, res: GPTQLayerResult, arts: dict[str, torch.Tensor]) -> None:
-        arts[f"{fqn}.qweight"] = res.codes.cpu()
-        arts[f"{fqn}.scales"] = res.scales.cpu()  # float32 (float64 for a float64 model): exact re-apply
-        arts[f"{fqn}.zeros"] = res.zeros.cpu()
-        arts[f"{fqn}.g_idx"] = res.g_idx.cpu()
+        # own copies: a stacked subset's rows share storage, which safetensors refuses to save
+        arts[f"{fqn}.qweight"] = res.codes.cpu().clone()
+        arts[f"{fqn}.scales"] = res.scales.cpu().clone()  # float32 (float64 for a float64 model): exact re-apply
+        arts[f"{fqn}.zeros"] = res.zeros.cpu().clone()
+        arts[f"{fqn}.g_idx"] = res.g_idx.cpu().clone()
         if res.perm is not None:
-            arts[f"{fqn}.perm"] = res.perm.cpu()
+            arts[f"{fqn}.perm"] = res.perm.cpu().clone()
 
     def _summary(self, rows: list[dict[str, Any]], calib: CalibData, seconds: float) -> dict[str, Any]:
         escalated = [r["layer"] for r in rows if r["damp"] > self.config.damp]
