@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "awq-fast": ("awq", {"search_tokens": 2048}),
     "smoothquant": ("smoothquant", {}),
     "smoothquant_plus": ("smoothquant_plus", {}),
-    "smoothquant_plus-fast": ("smoothquant_plus", {"search_samples": 8}),  # loss on 8 x 256 = 2048 tokens
+    "smoothquant_plus-fast": ("smoothquant_plus", {"search_samples": 8}),  # loss on 8 x 256 = 2048 tokens (as awq-fast)
 }
 DEFAULT_METHODS = "fp,rtn,gptq,gptq-actorder,awq,awq-fast,smoothquant,smoothquant_plus,smoothquant_plus-fast"
 

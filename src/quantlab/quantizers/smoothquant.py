@@ -1,120 +1,233 @@
 """SmoothQuant W8A8 (Xiao et al. 2023): migrate activation outliers into the weights, then int8 both.
 
-``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (SmoothQuant eq. 4, the same formula as SmoothQuant+
-eq. 6) is folded into input_layernorm for q/k/v and post_attention_layernorm for gate/up (o_proj and
-down_proj are not smoothed, as in the reference ``smooth_lm``). Weights are then int8 per output
-channel (symmetric absmax), and every quantized Linear's input is fake-quantized to int8 per token
-(or per tensor) on each forward (:class:`~quantlab.nn.act_quant.ActQuantLinear`). This is the
-W8A8 baseline of the LLM-QAT tables.
+Reference: ``mit-han-lab/smoothquant`` (``smooth.py smooth_lm``, ``fake_quant.py W8A8Linear``).
+
+1. Statistics: per-input-channel max |x| of every scaling group's input over the calibration set
+   (:func:`~quantlab.calib.stats.collect_group_absmax`, the reference's ``get_act_scales``).
+2. Smoothing, for the reference's Llama pairs only: ``input_layernorm -> q/k/v`` and
+   ``post_attention_layernorm -> gate/up`` (o_proj and down_proj are not smoothed)::
+
+       s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)      (SmoothQuant eq. 4 = SmoothQuant+ eq. 6)
+       Y = (X diag(s)^-1) (W diag(s))^T                (SmoothQuant+ eq. 5: 1/s folded into the norm gain)
+
+   with ``max|W_j|`` over the concatenated rows of the group's Linears and the 1e-5 floors of the
+   reference (:mod:`quantlab.algorithms.smoothing`).
+3. Weights: int8 per output channel, symmetric absmax (``s = max|w| / 127``), fake-quantized in place.
+4. Activations: every quantized Linear is swapped for an
+   :class:`~quantlab.nn.act_quant.ActQuantLinear` (still an ``nn.Linear``) whose input is int8
+   fake-quantized per token (dynamic), the reference's Llama setting. The attention BMM inputs
+   (``quantize_bmm_input``) are not quantized.
+
+This is the W8A8 baseline of the LLM-QAT tables. Artifacts: ``smooth.<block>.<group key>`` (the
+folded ``s``) and ``smoothquant.alpha``; ``load_artifacts`` folds the saved ``s`` into a fresh model,
+quantizes and swaps again, without calibration, giving the same weights bit for bit.
+
+The helpers :func:`smooth_and_quantize` and :func:`load_saved_scales` are shared with SmoothQuant+.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from quantlab.algorithms.smoothing import fold_group_scales, group_scales
 from quantlab.calib.sequential import on_device
-from quantlab.calib.stats import collect_group_absmax
+from quantlab.calib.stats import collect_group_absmax, group_key
 from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping
 from quantlab.nn.act_quant import GRANULARITIES, swap_act_quant
+from quantlab.quantizers import artifacts
 from quantlab.quantizers.base import CalibratedConfig, Quantizer, register_quantizer
-from quantlab.quantizers.smoothing_common import reapply_smoothing
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
 
 log = logging.getLogger(__name__)
 
+# (block name, block, groups) -> {group.key: s}
+ScalesFn = Callable[[str, nn.Module, list[ScaleGroup]], dict[str, torch.Tensor]]
 
-def _w8() -> QuantFormat:
+
+def _w8_per_channel() -> QuantFormat:
     return QuantFormat(bits=8, group_size=-1, symmetric=True)
+
+
+def check_alpha(value: object, key: str = "quantizer.alpha") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(key, f"must be a number in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
 class SmoothQuantConfig(CalibratedConfig):
-    """SmoothQuant settings.
+    """SmoothQuant settings (defaults: the reference's).
 
     Attributes:
         format: weight format (reference: int8 per output channel, symmetric absmax).
-        alpha: migration strength (reference default 0.5; its README uses 0.85 for Llama-2).
+        alpha: migration strength (reference default 0.5; its README uses 0.85 for Llama-2/3, Mistral).
         act_bits: activation bits (8).
-        act_granularity: ``per_token`` (dynamic, the reference's Llama setting) or ``per_tensor``.
+        act_granularity: ``per_token`` (dynamic, the reference's Llama setting) or ``per_tensor`` (dynamic).
     """
 
-    format: QuantFormat = field(default_factory=_w8)
+    format: QuantFormat = field(default_factory=_w8_per_channel)
     alpha: float = 0.5
     act_bits: int = 8
     act_granularity: str = "per_token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
-            raise ConfigError("quantizer.alpha", f"must be a number in [0, 1], got {a!r}")
+        check_alpha(self.alpha)
+        if not isinstance(self.format, QuantFormat):
+            raise ConfigError("quantizer.format", f"must be a weight format, got {self.format!r}")
         if not is_int(self.act_bits) or not 2 <= self.act_bits <= 16:
             raise ConfigError("quantizer.act_bits", f"must be an integer in [2, 16], got {self.act_bits!r}")
         if self.act_granularity not in GRANULARITIES:
             raise ConfigError("quantizer.act_granularity", f"must be one of {GRANULARITIES}, got {self.act_granularity!r}")
 
 
-def norm_groups(mapping: ArchMapping, block: nn.Module) -> list[ScaleGroup]:
-    """The reference's Llama pairs: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up."""
-    return [g for g in mapping.applicable_groups(block) if g.prev_kind == "norm"]
+# ---------------------------------------------------------------------------------------------
+# Shared with SmoothQuant+
+# ---------------------------------------------------------------------------------------------
+
+def block_targets(targets: Iterable[str], mapping: ArchMapping, method: str) -> list[str]:
+    """``targets`` sorted; :class:`ConfigError` if one lies outside the decoder blocks (not smoothed)."""
+    targets = sorted(targets)
+    outside = [t for t in targets if not t.startswith(mapping.layers + ".")]
+    if outside:
+        raise ConfigError("quantizer.exclude", f"{method} quantizes decoder-block Linears only; exclude {outside[:5]}")
+    return targets
 
 
-def _w_only(block: nn.Module, rel_targets: list[str], fmt: QuantFormat) -> None:
+def relative(targets: Iterable[str], block_name: str) -> list[str]:
+    """The targets inside ``block_name``, relative to it (``self_attn.q_proj``)."""
+    pre = block_name + "."
+    return [t[len(pre):] for t in targets if t.startswith(pre)]
+
+
+def rtn_(block: nn.Module, rel_targets: Iterable[str], fmt: QuantFormat) -> None:
+    """Round-to-nearest fake quantization of the named Linears of ``block``, in place."""
     for rel in rel_targets:
         w = block.get_submodule(rel).weight
         w.data.copy_(affine.fake_quantize(w.data, fmt))
 
 
+def stats_scales(stats: dict[str, torch.Tensor], alpha: float) -> ScalesFn:
+    """Eq. (6) scales from the fp model's activation maxima and the block's current (original) weights."""
+
+    def fn(name: str, block: nn.Module, groups: list[ScaleGroup]) -> dict[str, torch.Tensor]:
+        return group_scales(block, groups, {g.key: stats[group_key(name, g)] for g in groups}, alpha)
+
+    return fn
+
+
+@torch.no_grad()
+def smooth_and_quantize(
+    model: nn.Module, mapping: ArchMapping, groups_fn: Callable[[nn.Module], list[ScaleGroup]],
+    targets: list[str], fmt: QuantFormat, device: torch.device, scales_fn: ScalesFn, keep_reference: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Fold eq. (5) with ``scales_fn``'s ``s`` into every block, then RTN-quantize the block's targets.
+
+    Returns:
+        ``(scales, reference_weights)``: ``smooth.<block>.<group key> -> s`` (CPU) and, with
+        ``keep_reference``, the smoothed full-precision weights of the targets (CPU, before rounding).
+    """
+    scales_out: dict[str, torch.Tensor] = {}
+    ref_w: dict[str, torch.Tensor] | None = {} if keep_reference else None
+    for i, block in enumerate(mapping.blocks(model)):
+        name = mapping.block_name(i)
+        groups = groups_fn(block)
+        rel = relative(targets, name)
+        with on_device([block], device):
+            scales = scales_fn(name, block, groups)
+            fold_group_scales(block, groups, scales)
+            if ref_w is not None:
+                ref_w.update({f"{name}.{r}": block.get_submodule(r).weight.detach().to("cpu", copy=True) for r in rel})
+            rtn_(block, rel, fmt)
+        scales_out.update({f"smooth.{group_key(name, g)}": scales[g.key].detach().cpu() for g in groups})
+    return scales_out, ref_w
+
+
+def load_saved_scales(source: str | Path, method: str, model: nn.Module, mapping: ArchMapping,
+                      groups_fn: Callable[[nn.Module], list[ScaleGroup]]) -> tuple[ScalesFn, float, dict]:
+    """Read ``method``'s artifact file; returns ``(scales_fn, alpha, saved_config)``.
+
+    Every ``smooth.*`` entry of the file must be used by this model and group selection, and every
+    group must have one, so a file made for another model or another group choice (e.g. SmoothQuant+
+    ``smooth_vo``) is refused (:class:`ConfigError` on ``quantizer.load_artifacts``).
+    """
+    tensors, saved = artifacts.load_artifacts(source, method)
+    wanted = {f"smooth.{group_key(mapping.block_name(i), g)}" for i, b in enumerate(mapping.blocks(model)) for g in groups_fn(b)}
+    extra = sorted(k for k in tensors if k.startswith("smooth.") and k not in wanted)
+    if extra:
+        raise ConfigError(artifacts.KEY, f"{source} smooths groups this run does not ({extra[:3]}): "
+                                         "another model, or another group selection (smooth_vo?)")
+    alpha = float(artifacts.require(tensors, f"{method}.alpha", source))
+
+    def fn(name: str, _block: nn.Module, groups: list[ScaleGroup]) -> dict[str, torch.Tensor]:
+        return {g.key: artifacts.require(tensors, f"smooth.{group_key(name, g)}", source) for g in groups}
+
+    return fn, alpha, saved
+
+
+def warn_format_change(saved: dict, fmt: QuantFormat, method: str) -> None:
+    """Log a warning when re-applying scales with another weight format than the run that found them."""
+    if saved.get("format") not in (None, fmt.to_dict()):
+        log.warning("%s: re-applying scales found for format %s with format %s", method, saved["format"], fmt.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# SmoothQuant
+# ---------------------------------------------------------------------------------------------
+
+def norm_groups(mapping: ArchMapping, block: nn.Module) -> list[ScaleGroup]:
+    """The reference ``smooth_lm`` pairs: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up."""
+    return [g for g in mapping.applicable_groups(block) if g.prev_kind == "norm"]
+
+
 @register_quantizer("smoothquant", SmoothQuantConfig)
 class SmoothQuantQuantizer(Quantizer[SmoothQuantConfig]):
-    """SmoothQuant W8A8 fake quantization."""
+    """SmoothQuant W8A8: smoothing folded into the RMSNorms, int8 weights, int8 per-token activations."""
 
     requires_calibration = True
+
+    def validate(self, model: nn.Module) -> None:
+        super().validate(model)
+        block_targets((n for n, _ in self.target_linears(model)), get_mapping(model), self.name)
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         cfg = self.config
-        targets = {name for name, _ in self.target_linears(model)}
         mapping = get_mapping(model)
-        groups_fn = lambda block: norm_groups(mapping, block)  # noqa: E731
+        targets = block_targets((n for n, _ in self.target_linears(model)), mapping, self.name)
+        groups_fn = partial(norm_groups, mapping)
+        summary: dict = {}
         if cfg.load_artifacts:
-            res = reapply_smoothing(self, model, mapping, targets, groups_fn, _w_only)
+            scales_fn, alpha, saved = load_saved_scales(cfg.load_artifacts, self.name, model, mapping, groups_fn)
+            warn_format_change(saved, cfg.format, self.name)
+            summary["loaded_from"] = str(cfg.load_artifacts)
         else:
             if calib is None:
                 raise ConfigError("calib", "smoothquant needs calibration data")
+            alpha = float(cfg.alpha)
             stats = collect_group_absmax(model, mapping, calib.tokens, device=ctx.device, batch_size=cfg.batch_size)
-            res = self._apply(model, mapping, stats, targets, groups_fn, ctx)
-        swap_act_quant(model, sorted(targets), cfg.act_bits, cfg.act_granularity)
-        res.summary.update({"act_bits": cfg.act_bits, "act_granularity": cfg.act_granularity})
-        return res
-
-    def _apply(self, model, mapping, stats, targets, groups_fn, ctx) -> QuantResult:
-        cfg = self.config
-        arts = {"smoothquant.alpha": torch.tensor(float(cfg.alpha), dtype=torch.float64)}
-        ref_w: dict[str, torch.Tensor] | None = {} if ctx.keep_reference_weights else None
-        outside = sorted(t for t in targets if not t.startswith(mapping.layers + "."))
-        if outside:
-            raise ConfigError("quantizer.include", f"smoothquant covers decoder-block Linears only; got {outside[:5]}")
-        for i, block in enumerate(mapping.blocks(model)):
-            name = mapping.block_name(i)
-            groups = groups_fn(block)
-            with on_device([block], ctx.device):
-                scales = group_scales(block, groups, {g.key: stats[f"{name}.{g.key}"] for g in groups}, float(cfg.alpha))
-                fold_group_scales(block, groups, scales)
-                rel_t = [n[len(name) + 1:] for n in sorted(targets) if n.startswith(name + ".")]
-                if ref_w is not None:
-                    ref_w.update({f"{name}.{r}": block.get_submodule(r).weight.detach().to("cpu", copy=True) for r in rel_t})
-                _w_only(block, rel_t, cfg.format)
-            arts.update({f"smooth.{name}.{g.key}": s.cpu() for g in groups for s in [scales[g.key]]})
-        log.info("smoothquant: alpha %.2f, W%dA%d (%s)", cfg.alpha, cfg.format.bits, cfg.act_bits, cfg.act_granularity)
-        return QuantResult(model=model, quantized_layers=sorted(targets), artifacts=arts, reference_weights=ref_w,
-                           summary={"alpha": float(cfg.alpha), "n_layers": len(targets),
-                                    "smoothed_groups": [g.key for g in groups_fn(mapping.blocks(model)[0])]})
+            scales_fn = stats_scales(stats, alpha)
+        scales, ref_w = smooth_and_quantize(model, mapping, groups_fn, targets, cfg.format, ctx.device, scales_fn,
+                                            keep_reference=ctx.keep_reference_weights)
+        swap_act_quant(model, targets, cfg.act_bits, cfg.act_granularity)
+        # re-applied runs return the same tensors, so their run directory can be re-applied in turn
+        arts = {**scales, "smoothquant.alpha": torch.tensor(alpha, dtype=torch.float64)}
+        summary.update({
+            "alpha": alpha, "n_layers": len(targets), "weight_format": cfg.format.short_name(),
+            "act_bits": cfg.act_bits, "act_granularity": cfg.act_granularity,
+            "smoothed_groups": [g.key for g in groups_fn(mapping.blocks(model)[0])],
+        })
+        log.info("smoothquant: alpha %.2f, W%dA%d (%s activations), %d Linears", alpha, cfg.format.bits,
+                 cfg.act_bits, cfg.act_granularity, len(targets))
+        return QuantResult(model=model, quantized_layers=targets, artifacts=arts, summary=summary,
+                           reference_weights=ref_w)
