@@ -56,3 +56,18 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
     return subprocess.run(
         [sys.executable, "-m", "quantlab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def random_calib(n: int = 8, t: int = 64, seed: int = 0):
+    """A hand-built CalibData of ``n`` x ``t`` seeded random byte-token ids (the tiny model's vocabulary)."""
+    from quantlab.types import CalibData, tokens_sha256
+
+    tokens = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+    return CalibData(tokens=tokens, name="random", n_samples=n, seqlen=t, seed=seed, sha256=tokens_sha256(tokens))
+
+
+def cpu_ctx(tmp_path: Path, keep: bool = False):
+    """A CPU RunContext writing below ``tmp_path`` (``keep``: ask for reference weights)."""
+    from quantlab.types import RunContext
+
+    return RunContext(device=torch.device("cpu"), seed=0, output_dir=Path(tmp_path), keep_reference_weights=keep)

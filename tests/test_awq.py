@@ -1,7 +1,6 @@
 """AWQ: the scale/clip math against direct transcriptions of llm-awq, and the method end to end on the tiny model."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.awq import AWQConfig, AWQQuantizer, search_sequences
 from quantlab.quantizers.rtn import RTNConfig, RTNQuantizer
-from quantlab.types import CalibData, RunContext, tokens_sha256
+from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 FMT = QuantFormat(bits=4, group_size=32)  # asymmetric min/max, zero point (the AWQ convention)
 VO = "self_attn.v_proj->o_proj"
@@ -29,15 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _calib(n: int = 8, seqlen: int = 64) -> CalibData:
-    tok = torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(0))
-    return CalibData(tokens=tok, name="random", n_samples=n, seqlen=seqlen, seed=0, sha256=tokens_sha256(tok))
-
-
-def _ctx(tmp: Path, keep_ref: bool = False) -> RunContext:
-    return RunContext(device=torch.device("cpu"), seed=0, output_dir=tmp, keep_reference_weights=keep_ref)
 
 
 EVAL = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))  # held out from _calib

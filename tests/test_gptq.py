@@ -11,7 +11,7 @@ from quantlab.formats.spec import QuantFormat
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.gptq import GPTQConfig, GPTQQuantizer
-from quantlab.types import CalibData, RunContext, tokens_sha256
+from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 F64 = torch.float64
 
@@ -192,15 +192,6 @@ def test_damping_escalation_is_recorded():
     assert res.damp == pytest.approx(1.01)
     with pytest.raises(RuntimeError, match="not positive definite"):
         gptq_quantize_weight(W, bad, W4G16, damp=0.01, damp_increment=0.01, max_damp=0.05)
-
-
-def _calib(n=8, t=64):
-    tokens = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(0))
-    return CalibData(tokens=tokens, name="random", n_samples=n, seqlen=t, seed=0, sha256=tokens_sha256(tokens))
-
-
-def _ctx(tmp_path):
-    return RunContext(device=torch.device("cpu"), seed=0, output_dir=tmp_path)
 
 
 def _linears(model):

@@ -2,7 +2,6 @@
 test_smoothquant.py, test_smoothquant_plus.py and test_awq.py."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,23 +12,14 @@ from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.nn.act_quant import quantize_absmax
-from quantlab.types import CalibData, RunContext, tokens_sha256
+from conftest import random_calib as _calib  # noqa: E402,I001
 
 CPU = torch.device("cpu")
 FMT = QuantFormat(bits=4, group_size=32)
 
 
-def _calib(n=8, t=64, seed=0):
-    tokens = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibData(tokens=tokens, name="random", n_samples=n, seqlen=t, seed=seed, sha256=tokens_sha256(tokens))
-
-
 def _x():
     return torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
-
-
-def _ctx(tmp_path, keep=False):
-    return RunContext(device=CPU, seed=0, output_dir=Path(tmp_path), keep_reference_weights=keep)
 
 
 def _mse(model, ref, x):

@@ -1,7 +1,6 @@
 """SmoothQuant W8A8: activation fake quantization, swapped Linears, accuracy, artifacts, config errors."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,24 +19,15 @@ from quantlab.nn.act_quant import (
 )
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.smoothquant import SmoothQuantConfig, SmoothQuantQuantizer, norm_groups
-from quantlab.types import CalibData, RunContext, tokens_sha256
+from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 CPU = torch.device("cpu")
 GROUP_QKV = "input_layernorm->q_proj,k_proj,v_proj"
 GROUP_MLP = "post_attention_layernorm->gate_proj,up_proj"
 
 
-def _calib(n: int = 8, t: int = 64, seed: int = 0) -> CalibData:
-    tokens = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibData(tokens=tokens, name="random", n_samples=n, seqlen=t, seed=seed, sha256=tokens_sha256(tokens))
-
-
 def _held_out() -> torch.Tensor:
     return torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
-
-
-def _ctx(tmp_path: Path, keep: bool = False) -> RunContext:
-    return RunContext(device=CPU, seed=0, output_dir=Path(tmp_path), keep_reference_weights=keep)
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

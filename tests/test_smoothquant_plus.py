@@ -21,24 +21,15 @@ from quantlab.quantizers.smoothquant_plus import (
     SmoothQuantPlusQuantizer,
     smoothed_groups,
 )
-from quantlab.types import CalibData, RunContext, tokens_sha256
+from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 CPU = torch.device("cpu")
 FMT = QuantFormat(bits=4, group_size=32)  # tiny model: hidden 64, so g32 gives 2 groups per row
 VO = "self_attn.v_proj->o_proj"
 
 
-def _calib(n: int = 8, t: int = 64, seed: int = 0) -> CalibData:
-    tokens = torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
-    return CalibData(tokens=tokens, name="random", n_samples=n, seqlen=t, seed=seed, sha256=tokens_sha256(tokens))
-
-
 def _held_out() -> torch.Tensor:
     return torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
-
-
-def _ctx(tmp_path: Path, keep: bool = False) -> RunContext:
-    return RunContext(device=CPU, seed=0, output_dir=Path(tmp_path), keep_reference_weights=keep)
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
