@@ -65,7 +65,7 @@ from quantlab.calib.stats import group_key, reduce_absmax
 from quantlab.errors import DataError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
-from quantlab.models.mappings import ArchMapping, ScaleGroup
+from quantlab.models.mappings import ArchMapping, ScaleGroup, relative_names
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _pass(model: nn.Module, mapping: ArchMapping, groups_fn: GroupsFn, targets: 
     t0, blocks = time.perf_counter(), mapping.blocks(model)
     for i, block in enumerate(blocks):
         name = mapping.block_name(i)
-        rel = [t[len(name) + 1:] for t in targets if t.startswith(name + ".")]
+        rel = relative_names(targets, name)
         with on_device([block], device):
             groups = groups_fn(block)
             if fp is not None:  # first wave: fp statistics and the fp stream, from the untouched block

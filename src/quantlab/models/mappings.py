@@ -14,6 +14,7 @@ Scaling groups (:class:`ScaleGroup`) follow the AWQ reference (``llm-awq auto_sc
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -74,6 +75,11 @@ class ArchMapping:
     def block_name(self, index: int) -> str:
         return f"{self.layers}.{index}"
 
+    def block_linears(self, model: nn.Module) -> set[str]:
+        """Model-level names of every Linear the mapping lists inside the decoder blocks."""
+        rel = {n for sub in self.sequential for n in sub}
+        return {f"{self.block_name(i)}.{n}" for i in range(len(self.blocks(model))) for n in rel}
+
     def applicable_groups(self, block: nn.Module) -> list[ScaleGroup]:
         """The groups valid for this block (drops v->o under grouped-query attention)."""
         out = []
@@ -114,6 +120,12 @@ ARCH_MAPPINGS: dict[str, ArchMapping] = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
 }
+
+
+def relative_names(names: Iterable[str], block_name: str) -> list[str]:
+    """The names inside ``block_name``, relative to it (``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj``)."""
+    pre = block_name + "."
+    return [n[len(pre):] for n in names if n.startswith(pre)]
 
 
 def get_mapping(model: nn.Module) -> ArchMapping:

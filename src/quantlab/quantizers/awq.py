@@ -35,9 +35,9 @@ from quantlab.calib.sequential import BlockContext, on_device, run_sequential
 from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
-from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping
+from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping, relative_names
 from quantlab.quantizers import artifacts
-from quantlab.quantizers.base import CalibratedConfig, Quantizer, register_quantizer
+from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
 
@@ -179,26 +179,14 @@ class _BlockCache:
 
 
 @register_quantizer("awq", AWQConfig)
-class AWQQuantizer(Quantizer[AWQConfig]):
+class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
     """AWQ: activation-aware scale search (eq. 4-5), clip search, then group-wise RTN."""
 
-    requires_calibration = True
-
-    def validate(self, model: nn.Module) -> None:
-        super().validate(model)
-        self._block_targets(model, get_mapping(model))
-
-    def _block_targets(self, model: nn.Module, mapping: ArchMapping) -> set[str]:
-        targets = {name for name, _ in self.target_linears(model)}
-        outside = sorted(t for t in targets if not t.startswith(mapping.layers + "."))
-        if outside:
-            raise ConfigError("quantizer.exclude", f"awq quantizes decoder-block Linears only; exclude {outside[:5]}")
-        return targets
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         mapping = get_mapping(model)
-        targets = self._block_targets(model, mapping)
+        targets = set(self.block_targets(model, mapping))
         if self.config.load_artifacts:
             return self._reapply(model, mapping, targets, ctx.device)
         if calib is None:
@@ -244,7 +232,7 @@ class AWQQuantizer(Quantizer[AWQConfig]):
         cfg = self.config
         groups, skipped = self._groups(b.block, b.mapping, b.name, targets)
         st["skipped"].update(skipped)
-        rel_t = [n[len(b.name) + 1:] for n in sorted(targets) if n.startswith(b.name + ".")]
+        rel_t = relative_names(sorted(targets), b.name)
         cache = self._capture(b, groups, rel_t, keep)
         for i, g in enumerate(groups):
             s, row = self._search_group(b, g, cache)
@@ -344,7 +332,7 @@ class AWQQuantizer(Quantizer[AWQConfig]):
                 groups, _ = self._groups(block, mapping, name, targets)
                 for g in groups:
                     fold_scales(block, g, artifacts.require(tensors, f"awq.scale.{name}.{g.key}", src))
-                rel_t = [n[len(name) + 1:] for n in sorted(targets) if n.startswith(name + ".")]
+                rel_t = relative_names(sorted(targets), name)
                 for rel in rel_t:
                     clip = tensors.get(f"awq.clip.{name}.{rel}")
                     if clip is not None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
+from quantlab.models.mappings import ArchMapping, get_mapping
 from quantlab.nn.swap import iter_linears
 from quantlab.registry import Registry
 from quantlab.types import CalibData, QuantResult, RunContext
@@ -139,6 +140,29 @@ class Quantizer(ABC, Generic[C]):
     @abstractmethod
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         """Quantize ``model`` (in place is allowed) and return it with artifacts and a summary."""
+
+
+class BlockwiseQuantizer(Quantizer[C]):
+    """A calibrated method that works decoder block by decoder block through the architecture mapping
+    (GPTQ, AWQ, SmoothQuant, SmoothQuant+): its targets must be Linears the mapping lists inside the
+    blocks (lm_head or an unmapped Linear cannot be quantized by it), checked before any data is loaded.
+    """
+
+    requires_calibration = True
+
+    def validate(self, model: nn.Module) -> None:
+        super().validate(model)
+        self.block_targets(model)
+
+    def block_targets(self, model: nn.Module, mapping: ArchMapping | None = None) -> list[str]:
+        """The selected Linears, sorted; :class:`ConfigError` (``quantizer.exclude``) for one outside the blocks."""
+        mapping = mapping if mapping is not None else get_mapping(model)
+        targets = sorted(name for name, _ in self.target_linears(model))
+        outside = sorted(set(targets) - mapping.block_linears(model))
+        if outside:
+            raise ConfigError("quantizer.exclude",
+                              f"{self.name} quantizes decoder-block Linears only; exclude {outside[:5]}")
+        return targets
 
 
 def register_quantizer(name: str, config_cls: type[QuantizerConfig]):

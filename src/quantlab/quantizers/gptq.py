@@ -35,7 +35,7 @@ from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, get_mapping
 from quantlab.quantizers import artifacts
-from quantlab.quantizers.base import CalibratedConfig, Quantizer, register_quantizer
+from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
 
@@ -102,29 +102,14 @@ def _block_subsets(mapping: ArchMapping, block_name: str, targets: set[str]) -> 
 
 
 @register_quantizer("gptq", GPTQConfig)
-class GPTQQuantizer(Quantizer[GPTQConfig]):
+class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
     """GPTQ on the shared calibration engine (fake quantization: dequantized weights in the model's dtype)."""
 
-    requires_calibration = True
-
-    def validate(self, model: nn.Module) -> None:
-        super().validate(model)
-        self._targets(model, get_mapping(model))
-
-    def _targets(self, model: nn.Module, mapping: ArchMapping) -> set[str]:
-        """Target Linears; every one must belong to a true-sequential subset of some decoder block."""
-        targets = {name for name, _ in self.target_linears(model)}
-        n_blocks = len(mapping.blocks(model))
-        covered = {f"{mapping.block_name(i)}.{n}" for i in range(n_blocks) for sub in mapping.sequential for n in sub}
-        outside = sorted(targets - covered)
-        if outside:
-            raise ConfigError("quantizer.exclude", f"gptq quantizes decoder-block Linears only; exclude {outside[:5]}")
-        return targets
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         mapping = get_mapping(model)
-        targets = self._targets(model, mapping)
+        targets = set(self.block_targets(model, mapping))
         if self.config.load_artifacts:
             return self._reapply(model, targets)
         if calib is None:

@@ -41,10 +41,10 @@ from quantlab.calib.stats import collect_group_absmax, group_key
 from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
-from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping
+from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping, relative_names
 from quantlab.nn.act_quant import GRANULARITIES, swap_act_quant
 from quantlab.quantizers import artifacts
-from quantlab.quantizers.base import CalibratedConfig, Quantizer, register_quantizer
+from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
 
@@ -95,21 +95,6 @@ class SmoothQuantConfig(CalibratedConfig):
 # Shared with SmoothQuant+
 # ---------------------------------------------------------------------------------------------
 
-def block_targets(targets: Iterable[str], mapping: ArchMapping, method: str) -> list[str]:
-    """``targets`` sorted; :class:`ConfigError` if one lies outside the decoder blocks (not smoothed)."""
-    targets = sorted(targets)
-    outside = [t for t in targets if not t.startswith(mapping.layers + ".")]
-    if outside:
-        raise ConfigError("quantizer.exclude", f"{method} quantizes decoder-block Linears only; exclude {outside[:5]}")
-    return targets
-
-
-def relative(targets: Iterable[str], block_name: str) -> list[str]:
-    """The targets inside ``block_name``, relative to it (``self_attn.q_proj``)."""
-    pre = block_name + "."
-    return [t[len(pre):] for t in targets if t.startswith(pre)]
-
-
 def rtn_(block: nn.Module, rel_targets: Iterable[str], fmt: QuantFormat) -> None:
     """Round-to-nearest fake quantization of the named Linears of ``block``, in place."""
     for rel in rel_targets:
@@ -142,7 +127,7 @@ def smooth_and_quantize(
     for i, block in enumerate(mapping.blocks(model)):
         name = mapping.block_name(i)
         groups = groups_fn(block)
-        rel = relative(targets, name)
+        rel = relative_names(targets, name)
         with on_device([block], device):
             scales = scales_fn(name, block, groups)
             fold_group_scales(block, groups, scales)
@@ -191,20 +176,15 @@ def norm_groups(mapping: ArchMapping, block: nn.Module) -> list[ScaleGroup]:
 
 
 @register_quantizer("smoothquant", SmoothQuantConfig)
-class SmoothQuantQuantizer(Quantizer[SmoothQuantConfig]):
+class SmoothQuantQuantizer(BlockwiseQuantizer[SmoothQuantConfig]):
     """SmoothQuant W8A8: smoothing folded into the RMSNorms, int8 weights, int8 per-token activations."""
 
-    requires_calibration = True
-
-    def validate(self, model: nn.Module) -> None:
-        super().validate(model)
-        block_targets((n for n, _ in self.target_linears(model)), get_mapping(model), self.name)
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         cfg = self.config
         mapping = get_mapping(model)
-        targets = block_targets((n for n, _ in self.target_linears(model)), mapping, self.name)
+        targets = self.block_targets(model, mapping)
         groups_fn = partial(norm_groups, mapping)
         summary: dict = {}
         if cfg.load_artifacts:

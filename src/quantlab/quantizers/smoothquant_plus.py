@@ -37,9 +37,8 @@ from quantlab.calib.stats import collect_group_absmax
 from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping
-from quantlab.quantizers.base import CalibratedConfig, Quantizer, register_quantizer
+from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.quantizers.smoothquant import (
-    block_targets,
     check_alpha,
     load_saved_scales,
     smooth_and_quantize,
@@ -128,20 +127,15 @@ def smoothed_groups(mapping: ArchMapping, block: nn.Module, smooth_vo: bool = Fa
 
 
 @register_quantizer("smoothquant_plus", SmoothQuantPlusConfig)
-class SmoothQuantPlusQuantizer(Quantizer[SmoothQuantPlusConfig]):
+class SmoothQuantPlusQuantizer(BlockwiseQuantizer[SmoothQuantPlusConfig]):
     """SmoothQuant+: whole-model alpha search, exact smoothing, group-wise RTN."""
 
-    requires_calibration = True
-
-    def validate(self, model: nn.Module) -> None:
-        super().validate(model)
-        block_targets((n for n, _ in self.target_linears(model)), get_mapping(model), self.name)
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         cfg = self.config
         mapping = get_mapping(model)
-        targets = block_targets((n for n, _ in self.target_linears(model)), mapping, self.name)
+        targets = self.block_targets(model, mapping)
         groups_fn = partial(smoothed_groups, mapping, smooth_vo=cfg.smooth_vo)
         summary: dict[str, Any] = {"searched": False}
         tables: dict[str, list[dict[str, Any]]] = {}
