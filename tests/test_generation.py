@@ -1,0 +1,168 @@
+"""Generation engine: batched greedy == one at a time, stop sequences, sampling, bookkeeping."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantlab.errors import ConfigError
+from quantlab.generation import DecodingConfig, GenRequest, choose_backend, generate, truncate_at_stop
+from quantlab.generation.hf import _batches
+
+PROMPTS = [
+    "def add(a, b):\n    ",
+    "import os\nclass Widget:\n    def __init__(self):\n        self.x = 1\n\ndef f",
+    "x = 1",
+    "hello world " * 6,
+    "for i in range(10):\n",
+]
+
+
+def texts(out):
+    return [[c.text for c in comps] for comps in out]
+
+
+def test_truncate_at_stop_cuts_at_the_earliest_stop():
+    assert truncate_at_stop("a\nb\ndef c\n#x", ["\n#", "\ndef"]) == "a\nb"
+    assert truncate_at_stop("no stop here", ["\nclass"]) == "no stop here"
+    assert truncate_at_stop("x\nclass", []) == "x\nclass"
+    assert truncate_at_stop("\ndef at start", ["\ndef"]) == ""
+
+
+def test_batches_group_by_stop_and_sort_longest_first():
+    reqs = [GenRequest("a", ("x",)), GenRequest("bbb", ("y",)), GenRequest("cc", ("x",)), GenRequest("d", ("y",))]
+    batches = _batches(reqs, [1, 3, 2, 1], per_batch=2)
+    assert batches == [[2, 0], [1, 3]]
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny, batch_size):
+    model, tok = tiny
+    reqs = [GenRequest(p, ()) for p in PROMPTS]
+    cfg = DecodingConfig(max_new_tokens=20, batch_size=batch_size)
+    batched, stats = generate(model, tok, reqs, cfg)
+    single = [generate(model, tok, [r], DecodingConfig(max_new_tokens=20, batch_size=1))[0][0][0] for r in reqs]
+    assert [b[0] for b in batched] == single
+    assert stats.batches == -(-len(PROMPTS) // batch_size)
+    assert stats.generated_tokens == 20 * len(PROMPTS)  # no stop and no EOS reached by the random model
+    assert all(c[0].finish_reason == "length" and c[0].n_tokens == 20 for c in batched)
+
+
+def test_stop_sequence_cuts_the_completion_and_ends_the_row_early(tiny):
+    model, tok = tiny
+    cfg = DecodingConfig(max_new_tokens=40, batch_size=4)
+    free, _ = generate(model, tok, [GenRequest(p) for p in PROMPTS], cfg)
+    # pick, for the first prompt, a 2-character piece of its free-running output as the stop sequence
+    text = free[0][0].text
+    stop = text[10:12]
+    cut = text[: text.find(stop)]
+    reqs = [GenRequest(PROMPTS[0], (stop,)), GenRequest(PROMPTS[2], (stop,))]
+    out, stats = generate(model, tok, reqs, cfg)
+    assert out[0][0].text == cut
+    assert out[0][0].finish_reason == "stop"
+    assert out[0][0].n_tokens < 40
+    # the other row in the batch is unaffected unless it produced the stop itself
+    other = free[2][0].text
+    assert out[1][0].text == truncate_at_stop(other, (stop,))
+
+
+def test_sampling_is_seeded_and_top_k_1_equals_greedy(tiny):
+    model, tok = tiny
+    reqs = [GenRequest(p) for p in PROMPTS[:3]]
+    sample = DecodingConfig(do_sample=True, temperature=0.9, top_k=0, top_p=1.0, n=3, max_new_tokens=12, seed=5)
+    a, _ = generate(model, tok, reqs, sample)
+    b, _ = generate(model, tok, reqs, sample)
+    c, _ = generate(model, tok, reqs, DecodingConfig(**{**sample.__dict__, "seed": 6}))
+    assert texts(a) == texts(b)
+    assert texts(a) != texts(c)
+    assert all(len(x) == 3 for x in a)
+    assert len({t for x in a for t in [c.text for c in x]}) > 3  # samples differ from each other
+    greedy, _ = generate(model, tok, reqs, DecodingConfig(max_new_tokens=12))
+    top1, _ = generate(model, tok, reqs, DecodingConfig(do_sample=True, top_k=1, n=2, max_new_tokens=12))
+    assert [[g[0].text] * 2 for g in greedy] == texts(top1)
+
+
+def test_generation_leaves_the_model_as_it_was(tiny):
+    model, tok = tiny
+    gc = model.generation_config
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    generate(model, tok, [GenRequest("abc")], DecodingConfig(max_new_tokens=4))
+    assert model.training
+    assert model.generation_config is gc
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_requests_choose_whether_the_tokenizer_adds_special_tokens(tiny, monkeypatch):
+    model, tok = tiny
+    seen = []
+    real_call = type(tok).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append((text, kwargs.get("add_special_tokens")))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    reqs = [GenRequest("<chat>abc", add_special_tokens=False), GenRequest("abc")]
+    generate(model, tok, reqs, DecodingConfig(max_new_tokens=2))
+    assert ("<chat>abc", False) in seen and ("abc", True) in seen
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"temperature": 0}, "generation.temperature"),
+        ({"top_p": 1.5}, "generation.top_p"),
+        ({"top_k": -1}, "generation.top_k"),
+        ({"n": 4}, "generation.n_samples"),  # greedy with n > 1
+        ({"max_new_tokens": 0}, "generation.max_new_tokens"),
+        ({"backend": "tgi"}, "generation.backend"),
+    ],
+)
+def test_decoding_config_errors_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError) as e:
+        DecodingConfig(**kwargs)
+    assert e.value.key == key
+
+
+def test_backend_choice_on_cpu(tiny):
+    model, _ = tiny
+    assert choose_backend(model, DecodingConfig()) == "hf"
+    with pytest.raises(ConfigError, match="vllm"):
+        choose_backend(model, DecodingConfig(backend="vllm"))
+
+
+def test_on_batch_reports_every_prompt_once(tiny):
+    model, tok = tiny
+    seen = []
+    out, _ = generate(
+        model, tok, [GenRequest(p) for p in PROMPTS], DecodingConfig(max_new_tokens=3, batch_size=2),
+        on_batch=lambda idx, comps: seen.extend(zip(idx, comps)),
+    )
+    assert sorted(i for i, _ in seen) == list(range(len(PROMPTS)))
+    assert all(out[i] == c for i, c in seen)
+
+
+def test_samples_do_not_depend_on_batching(tiny):
+    """Every row samples from its own generator seeded by (seed, prompt, sample index)."""
+    model, tok = tiny
+    reqs = [GenRequest(p) for p in PROMPTS]
+    cfg = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=30, n=2, max_new_tokens=10, seed=3)
+    one, _ = generate(model, tok, reqs, DecodingConfig(**cfg, batch_size=1))
+    many, _ = generate(model, tok, reqs, DecodingConfig(**cfg, batch_size=10))
+    assert texts(one) == texts(many)
+    sub, _ = generate(model, tok, reqs[2:4], DecodingConfig(**cfg, batch_size=4))  # a resumed subset
+    assert texts(sub) == texts(one)[2:4]
+
+
+def test_rows_leave_the_batch_when_done(tiny):
+    """A row that stops early does not change the others, and its token count stops growing."""
+    model, tok = tiny
+    cfg = DecodingConfig(max_new_tokens=30, batch_size=8)
+    free, _ = generate(model, tok, [GenRequest(p) for p in PROMPTS], cfg)
+    stop = free[1][0].text[3:5]
+    out, stats = generate(model, tok, [GenRequest(p, (stop,)) for p in PROMPTS], cfg)
+    for f, o in zip(free, out):
+        assert o[0].text == truncate_at_stop(f[0].text, (stop,))
+        assert (o[0].finish_reason == "stop") == (len(o[0].text) < len(f[0].text))
+    assert out[1][0].finish_reason == "stop" and out[1][0].n_tokens < 30
+    assert stats.generated_tokens == sum(o[0].n_tokens for o in out)
