@@ -5,6 +5,8 @@ handling; this module never sees Hydra.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer
 from quantlab.tracking.env import peak_memory, reset_peak_cuda
 from quantlab.tracking.record import write_table
 from quantlab.types import CalibData, EvalResult, RunContext
+from quantlab.utils.hashing import fingerprint
 from quantlab.utils.torch_utils import seed_everything
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,29 @@ def weighted_bits_per_weight(quantizer: Quantizer, model: nn.Module, layers: lis
     return bits / total
 
 
+def source_hash() -> str:
+    """sha256 over quantlab's own Python sources (changes whenever the code that produces results does)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(spec: RunSpec, calib: CalibData | None) -> str:
+    """Hash of everything that determines the quantized model: model and method configs, the
+    calibration tokens actually used, the seed and quantlab's source code. Evaluators cache
+    generations under it (a rerun of the same command resumes; any change starts afresh)."""
+    return fingerprint({
+        "model": dataclasses.asdict(spec.model),
+        "quantizer": spec.quantizer.to_dict(),
+        "calib": calib.sha256 if calib is not None else None,
+        "seed": spec.seed,
+        "source": source_hash(),
+    })
+
+
 def _snapshot_weights(quantizer: Quantizer, model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the selected Linears' weights (for layer diagnostics; costs one model's memory)."""
     return {name: mod.weight.detach().to("cpu", copy=True) for name, mod in quantizer.target_linears(model)}
@@ -123,9 +149,11 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     fp_weights = _snapshot_weights(quantizer, model) if wants_fp else None
     ctx = RunContext(
         device=loaded.device, seed=spec.seed, output_dir=output_dir, tokenizer=tok, calib=calib,
-        keep_reference_weights=wants_fp,
+        keep_reference_weights=wants_fp, run_fingerprint=run_fingerprint(spec, calib),
     )
 
+    for ev in spec.evals:  # a missing eval dataset must not surface only after a long quantization
+        ev.preflight()
     reset_peak_cuda()
     t0 = time.perf_counter()
     result = quantizer.quantize(model, calib, ctx)

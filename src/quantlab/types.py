@@ -69,6 +69,9 @@ class RunContext:
         keep_reference_weights: set by the harness when an evaluator needs the weights that were
             rounded; methods that transform weights before rounding (AWQ, SmoothQuant, SmoothQuant+)
             then return them in :attr:`QuantResult.reference_weights`.
+        run_fingerprint: hash of what determines the quantized model (model, method, calibration,
+            seed, quantlab source); evaluators that cache expensive work (generations) key it on
+            this. ``None`` outside the harness: nothing is reused across runs then.
     """
 
     device: torch.device
@@ -78,6 +81,7 @@ class RunContext:
     calib: CalibData | None = None
     fp_weights: dict[str, torch.Tensor] | None = None
     keep_reference_weights: bool = False
+    run_fingerprint: str | None = None
 
 
 @dataclass

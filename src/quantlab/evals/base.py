@@ -38,6 +38,10 @@ class Evaluator(ABC):
     #: the pipeline keeps a copy of the original weights of quantized layers when True
     requires_fp_weights: ClassVar[bool] = False
 
+    def preflight(self) -> None:
+        """Cheap checks run before the (possibly long) quantization: fail early on a missing data file
+        or dataset. Default: nothing."""
+
     @abstractmethod
     def run(self, model: nn.Module, tokenizer: Any, ctx: RunContext) -> EvalResult:
         """Evaluate ``model`` and return metrics with provenance."""

@@ -1,4 +1,4 @@
-"""Filesystem locations: the model cache."""
+"""Filesystem locations: the model cache and the results tree."""
 from __future__ import annotations
 
 import os
@@ -13,3 +13,9 @@ def cache_dir() -> Path:
     """
     env = os.environ.get("QUANTLAB_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "quantlab"
+
+
+def results_root() -> Path:
+    """Root of the results tree: ``$QUANTLAB_RESULTS`` or ``./results`` (as in ``conf/hydra/default.yaml``)."""
+    env = os.environ.get("QUANTLAB_RESULTS")
+    return Path(env).expanduser() if env else Path("results")

