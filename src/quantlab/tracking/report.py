@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from quantlab.errors import DataError
+from quantlab.tracking.paper_tables import paper_tables
 from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,9 @@ def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFram
         yield str(name), sub.drop(columns=["experiment", *empty, *quiet]), notes
 
 
-def _caption(rows: pd.DataFrame) -> str:
+def _caption(rows: pd.DataFrame) -> str | None:
+    if "status" not in rows:
+        return None
     counts = rows["status"].fillna("?").value_counts()
     parts = [f"{n} {status}" for status, n in counts.items()]
     return f"{len(rows)} run(s): " + ", ".join(parts)
@@ -231,6 +234,8 @@ def _markdown_report(summary: pd.DataFrame) -> str:
     for name, rows, notes in _experiment_tables(summary):
         parts += [f"\n## {name or '(no experiment)'}\n", f"\n{_caption(rows)}\n\n", render_markdown(rows)]
         parts += [f"\nNote ({n})\n" for n in notes]
+    for title, tab in paper_tables(summary):
+        parts += [f"\n## {title}\n\n", render_markdown(tab)]
     parts.append("\n`peak_rss_gb` is the peak RSS of the whole process (in a multirun it includes earlier jobs).\n")
     return "".join(parts)
 
@@ -267,6 +272,14 @@ def print_tables(summary: pd.DataFrame, console=None) -> None:
             console.print(table, crop=False)
             for note in notes:
                 console.print(f"note ({note})", soft_wrap=True)
+        finally:
+            console.width = saved
+    for title, tab in paper_tables(summary):
+        table, width = _rich_table(title, tab)
+        saved = console.width
+        console.width = max(width, saved)
+        try:
+            console.print(table, crop=False)
         finally:
             console.width = saved
 
