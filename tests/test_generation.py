@@ -6,7 +6,7 @@ import torch
 
 from quantlab.errors import ConfigError
 from quantlab.generation import DecodingConfig, GenRequest, choose_backend, generate, truncate_at_stop
-from quantlab.generation.hf import _batches
+from quantlab.generation.hf import _groups
 
 PROMPTS = [
     "def add(a, b):\n    ",
@@ -28,10 +28,9 @@ def test_truncate_at_stop_cuts_at_the_earliest_stop():
     assert truncate_at_stop("\ndef at start", ["\ndef"]) == ""
 
 
-def test_batches_group_by_stop_and_sort_longest_first():
+def test_groups_by_stop_and_longest_prompt_first():
     reqs = [GenRequest("a", ("x",)), GenRequest("bbb", ("y",)), GenRequest("cc", ("x",)), GenRequest("d", ("y",))]
-    batches = _batches(reqs, [1, 3, 2, 1], per_batch=2)
-    assert batches == [[2, 0], [1, 3]]
+    assert _groups(reqs, [1, 3, 2, 1]) == [[2, 0], [1, 3]]
 
 
 @pytest.mark.parametrize("batch_size", [2, 5])
@@ -42,7 +41,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny, batch_size):
     batched, stats = generate(model, tok, reqs, cfg)
     single = [generate(model, tok, [r], DecodingConfig(max_new_tokens=20, batch_size=1))[0][0][0] for r in reqs]
     assert [b[0] for b in batched] == single
-    assert stats.batches == -(-len(PROMPTS) // batch_size)
+    assert stats.batches == 1  # one stop group, decoded as one continuous batch
     assert stats.generated_tokens == 20 * len(PROMPTS)  # no stop and no EOS reached by the random model
     assert all(c[0].finish_reason == "length" and c[0].n_tokens == 20 for c in batched)
 
@@ -166,3 +165,21 @@ def test_rows_leave_the_batch_when_done(tiny):
         assert (o[0].finish_reason == "stop") == (len(o[0].text) < len(f[0].text))
     assert out[1][0].finish_reason == "stop" and out[1][0].n_tokens < 30
     assert stats.generated_tokens == sum(o[0].n_tokens for o in out)
+
+
+def test_growing_cache_layer_admits_right_aligned_rows_and_trims():
+    from quantlab.generation.kv_cache import GrowingLayer
+
+    layer = GrowingLayer(capacity=4)
+    k1, k2 = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    layer.admit(k1, k1 + 1)
+    layer.admit(k2, k2 + 1)  # longer than the live row: the live row shifts right
+    assert layer.keys.shape == (2, 2, 5, 4)
+    assert torch.equal(layer.keys[0, :, 2:], k1[0]) and torch.equal(layer.keys[0, :, :2], torch.zeros(2, 2, 4))
+    assert torch.equal(layer.keys[1], k2[0]) and torch.equal(layer.values[1], k2[0] + 1)
+    new = torch.randn(2, 2, 1, 4)
+    keys, _ = layer.update(new, new)
+    assert keys.shape == (2, 2, 6, 4) and torch.equal(keys[:, :, -1:], new)
+    layer.batch_select_indices(torch.tensor([0]))
+    layer.trim_left(2)
+    assert torch.equal(layer.keys[0, :, :3], k1[0]) and layer.get_seq_length() == 4

@@ -221,7 +221,7 @@ def test_chat_style_needs_a_template_and_keeps_the_prompt_at_the_end(tiny):
     req = HumanEvalEval(name="humaneval", prompt_style="chat").request(PROBLEMS[0], tok)
     assert req.prompt.startswith("<|user|>Complete the following Python code")
     assert req.prompt.endswith("<|assistant|>```python\n" + PROBLEMS[0].prompt)
-    assert "\n```" in req.stop and not req.add_special_tokens
+    assert "```" in req.stop and not req.add_special_tokens
 
 
 # --- CLI + report --------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ class DecodingConfig:
         top_p: nucleus sampling mass (1.0 = off).
         n: completions per prompt (greedy allows only 1: every greedy sample would be identical).
         max_new_tokens: generation budget per completion.
-        seed: seeds sampling; batch ``b`` uses ``seed + b`` so a rerun with the same batch size
-            reproduces every sample.
-        batch_size: sequences per forward pass (``prompts per batch = max(1, batch_size // n)``).
+        seed: seeds sampling; every sequence draws from its own generator seeded by
+            ``(seed, prompt, sample index)``, so samples do not depend on batching.
+        batch_size: sequences decoded together (continuous batching: a finished sequence's slot is
+            refilled at once with the next one).
         backend: ``auto`` (vLLM when installed and the model is on a GPU, else HF), ``hf``, ``vllm``.
         key: config key prefix used in error messages.
     """
@@ -63,10 +64,6 @@ class DecodingConfig:
             raise ConfigError(f"{k}.seed", f"must be an integer, got {self.seed!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"{k}.backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
-
-    @property
-    def prompts_per_batch(self) -> int:
-        return max(1, self.batch_size // self.n)
 
     def describe(self) -> dict[str, Any]:
         """Decoding settings as recorded (sampling knobs are ``None`` under greedy decoding)."""

@@ -1,20 +1,23 @@
-"""Batched generation on a Hugging Face causal LM: left padding, KV cache, rows leave as they finish.
+"""Batched generation on a Hugging Face causal LM: continuous batching over a shared KV cache.
 
 quantlab runs its own decoding loop around ``model(...)`` instead of ``model.generate`` so that
 
-* a row that hits a stop sequence, EOS or its token budget is removed from the batch and from the
-  KV cache at once (``Cache.batch_select_indices``): a batch costs the sum of its rows' lengths,
-  not ``batch size x`` its longest row (HumanEval completions range from 3 to 512 tokens);
+* up to ``batch_size`` sequences decode together, and a sequence that hits a stop sequence, EOS or
+  its token budget leaves the batch and the KV cache at once while the next queued prompt
+  (prefilled on its own) takes its slot: the batch stays full, and a batch never waits for its
+  longest row (HumanEval completions range from 2 to 512 tokens);
+* the KV cache is preallocated and right-aligned per row (:mod:`quantlab.generation.kv_cache`)
+  instead of growing by ``torch.cat`` (a copy of the whole cache per step);
 * sampling draws every row from its own generator seeded by ``(seed, prompt, sample index)``, so a
-  sample does not depend on the batch size, the batch it landed in, or a resumed run;
+  sample does not depend on the batch size, its batch neighbours, or a resumed run;
 * decoding is exactly the recorded :class:`DecodingConfig` (no ``repetition_penalty`` or
   ``top_k=50`` inherited from the model's ``generation_config``).
 
-Greedy batched completions equal one-prompt-at-a-time ones: left padding + the attention mask +
-explicit ``position_ids`` give every row the positions and attention of an unpadded run (tested; the
-bench script counts matches on HumanEval-164 with SmolLM2). Prompts are grouped by stop set and
-sorted by token length (longest first) before batching, so batches carry little padding.
-Temperature, top-k and top-p use transformers' own logits warpers (same semantics as ``generate``).
+Greedy batched completions equal one-prompt-at-a-time ones: every prompt is prefilled alone, and in
+the batch the attention mask (padding columns get zero weight) plus explicit ``position_ids`` give
+every row the positions and attention of an unpadded run (tested; ``scripts/bench_generation.py``
+counts matches on HumanEval-164 with SmolLM2). Prompts are grouped by stop set and queued longest
+first. Temperature, top-k and top-p use transformers' own logits warpers (``generate``'s semantics).
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -34,6 +36,7 @@ from transformers.generation.logits_process import (
 )
 
 from quantlab.generation.config import DecodingConfig
+from quantlab.generation.kv_cache import growing_cache
 from quantlab.generation.stops import first_stop, truncate_at_stop
 from quantlab.generation.types import Completion, GenerationStats, GenRequest
 from quantlab.utils.torch_utils import model_device
@@ -60,26 +63,17 @@ def sample_seed(seed: int, prompt: str, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _batches(requests: Sequence[GenRequest], lengths: Sequence[int], per_batch: int) -> list[list[int]]:
-    """Indices of ``requests`` grouped by stop set, longest prompt first, ``per_batch`` per batch."""
+def _groups(requests: Sequence[GenRequest], lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of ``requests`` grouped by stop set, each group longest prompt first (so a row admitted
+    later rarely needs the live rows' cache shifted)."""
     order = sorted(range(len(requests)), key=lambda i: (requests[i].stop, -lengths[i], i))
     out: list[list[int]] = []
     for i in order:
-        if out and len(out[-1]) < per_batch and requests[out[-1][0]].stop == requests[i].stop:
+        if out and requests[out[-1][0]].stop == requests[i].stop:
             out[-1].append(i)
         else:
             out.append([i])
     return out
-
-
-def _left_pad(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for r, x in enumerate(ids):
-        input_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-        mask[r, width - len(x) :] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 def _warpers(cfg: DecodingConfig) -> LogitsProcessorList:
@@ -96,10 +90,10 @@ def _warpers(cfg: DecodingConfig) -> LogitsProcessorList:
 class _Row:
     """One sequence being generated."""
 
-    __slots__ = ("request", "sample", "tokens", "gen", "reason")
+    __slots__ = ("request", "sample", "prompt", "tokens", "gen", "reason")
 
-    def __init__(self, request: int, sample: int, gen: torch.Generator | None) -> None:
-        self.request, self.sample, self.gen = request, sample, gen
+    def __init__(self, request: int, sample: int, prompt: list[int], gen: torch.Generator | None) -> None:
+        self.request, self.sample, self.prompt, self.gen = request, sample, prompt, gen
         self.tokens: list[int] = []
         self.reason = ""
 
@@ -110,50 +104,106 @@ def _stopped(tokenizer: Any, tokens: list[int], stops: Sequence[str], window: in
     return first_stop(tokenizer.decode(tokens[-window:], skip_special_tokens=False), stops) != -1
 
 
-@torch.no_grad()
-def _decode_batch(
-    model: nn.Module, tokenizer: Any, prompts: list[list[int]], rows: list[_Row], stops: tuple[str, ...],
-    cfg: DecodingConfig, eos_ids: set[int], pad_id: int,
-) -> None:
-    """Generate into ``rows`` (``prompts[i]`` is the prompt of ``rows[i]``) until every row is done."""
-    device = model_device(model)
-    ids, mask = _left_pad(prompts, pad_id, device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    warp = _warpers(cfg) if cfg.do_sample else None
-    window = max((len(s) for s in stops), default=0) + 2
-    active = list(range(len(rows)))
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    for _step in range(cfg.max_new_tokens):
-        logits = out.logits[:, -1, :].float()
-        if warp is None:
-            nxt = logits.argmax(-1)
+class _Stream:
+    """Continuous batching over one stop group: up to ``slots`` rows decode together; a finished row
+    leaves at once and the next queued row (prefilled on its own) takes its slot."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, stops: tuple[str, ...], cfg: DecodingConfig,
+                 eos_ids: set[int], on_row_done: Callable[[_Row], None]) -> None:
+        self.model, self.tokenizer, self.stops, self.cfg, self.eos_ids = model, tokenizer, stops, cfg, eos_ids
+        self.on_row_done = on_row_done
+        self.device = model_device(model)
+        self.window = max((len(x) for x in stops), default=0) + 2
+        self.warp = _warpers(cfg) if cfg.do_sample else None
+        self.n_layers = model.config.num_hidden_layers
+        self.cache = growing_cache(self.n_layers, 0)
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.rows: list[_Row] = []
+        self.next_tokens: list[int] = []
+        self.steps = 0
+        self._prefill_memo: tuple[int, Any, torch.Tensor] | None = None
+
+    def _pick(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        logits = logits.float()
+        if self.warp is None:
+            return logits.argmax(-1).tolist()
+        probs = torch.softmax(self.warp(None, logits), dim=-1)
+        return [int(torch.multinomial(probs[j], 1, generator=r.gen)[0]) for j, r in enumerate(rows)]
+
+    def _push(self, row: _Row, tok: int) -> bool:
+        """Append ``tok`` to ``row``; True while the row goes on."""
+        row.tokens.append(tok)
+        if tok in self.eos_ids:
+            row.reason = "eos"
+        elif self.stops and _stopped(self.tokenizer, row.tokens, self.stops, self.window):
+            row.reason = "stop"
+        elif len(row.tokens) >= self.cfg.max_new_tokens:
+            row.reason = "length"
         else:
-            probs = torch.softmax(warp(None, logits), dim=-1)
-            nxt = torch.stack([torch.multinomial(probs[j], 1, generator=rows[r].gen)[0] for j, r in enumerate(active)])
-        keep = []
-        for j, r in enumerate(active):
-            row, tok = rows[r], int(nxt[j])
-            row.tokens.append(tok)
-            if tok in eos_ids:
-                row.reason = "eos"
-            elif stops and _stopped(tokenizer, row.tokens, stops, window):
-                row.reason = "stop"
-            elif len(row.tokens) >= cfg.max_new_tokens:
-                row.reason = "length"
-            else:
-                keep.append(j)
-        if not keep:
+            return True
+        self.on_row_done(row)
+        return False
+
+    def _prefill(self, row: _Row) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Keys/values and last logits of ``row``'s prompt alone (shared by the samples of one prompt)."""
+        if self._prefill_memo is not None and self._prefill_memo[0] == row.request:
+            return self._prefill_memo[1], self._prefill_memo[2]
+        cache = growing_cache(self.n_layers, len(row.prompt) + self.cfg.max_new_tokens)
+        ids = torch.tensor([row.prompt], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = [layer.prompt_kv() for layer in cache.layers]
+        self._prefill_memo = (row.request, kv, out.logits[:, -1, :])
+        return kv, out.logits[:, -1, :]
+
+    def admit(self, row: _Row) -> None:
+        """Prefill ``row``, pick its first token and, unless that already ends it, add it to the batch."""
+        kv, logits = self._prefill(row)
+        tok = self._pick(logits, [row])[0]
+        if not self._push(row, tok):
             return
-        if len(keep) < len(active):
-            sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
-            mask, nxt = mask[sel], nxt[sel]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        p, width = len(row.prompt), self.mask.shape[1]
+        for layer, (k, v) in zip(self.cache.layers, kv):
+            layer.admit(k, v)
+        if p > width:
+            self.mask = torch.cat([self.mask.new_zeros((self.mask.shape[0], p - width)), self.mask], dim=1)
+            width = p
+        new = self.mask.new_zeros((1, width))
+        new[0, width - p :] = 1
+        self.mask = torch.cat([self.mask, new], dim=0)
+        self.rows.append(row)
+        self.next_tokens.append(tok)
+
+    def step(self) -> None:
+        """One forward pass for every live row, then drop the rows that finished."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        ids = torch.tensor(self.next_tokens, dtype=torch.long, device=self.device)[:, None]
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.steps += 1
+        toks = self._pick(out.logits[:, -1, :], self.rows)
+        keep = [j for j, (r, t) in enumerate(zip(self.rows, toks)) if self._push(r, t)]
+        if len(keep) < len(self.rows):
+            sel = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.cache.batch_select_indices(sel)
+            self.mask = self.mask[sel]
+            self.rows = [self.rows[j] for j in keep]
+            toks = [toks[j] for j in keep]
+            live = self.mask.any(dim=0).nonzero()
+            lead = int(live[0]) if len(live) else self.mask.shape[1]
+            if lead > 0:  # columns that are padding for every live row
+                for layer in self.cache.layers:
+                    layer.trim_left(lead)
+                self.mask = self.mask[:, lead:]
+        self.next_tokens = toks
+
+    @torch.no_grad()
+    def run(self, queue: list[_Row], slots: int) -> None:
+        pending = list(reversed(queue))
+        while pending or self.rows:
+            while pending and len(self.rows) < slots:
+                self.admit(pending.pop())
+            if self.rows:
+                self.step()
 
 
 def hf_generate(
@@ -182,32 +232,43 @@ def hf_generate(
         ``completions[i]`` = the ``cfg.n`` completions of ``requests[i]``.
     """
     encoded = [tokenizer(r.prompt, add_special_tokens=r.add_special_tokens)["input_ids"] for r in requests]
-    eos_ids, pad_id = special_ids(model, tokenizer)
+    eos_ids, _ = special_ids(model, tokenizer)
     results: list[list[Completion]] = [[] for _ in requests]
+    finished: dict[int, list[_Row]] = {}
+
+    def row_done(row: _Row) -> None:
+        finished.setdefault(row.request, []).append(row)
+        if len(finished[row.request]) < cfg.n:
+            return
+        rows = sorted(finished.pop(row.request), key=lambda r: r.sample)
+        texts = tokenizer.batch_decode([r.tokens for r in rows], skip_special_tokens=True)
+        stop = requests[row.request].stop
+        results[row.request] = [
+            Completion(text=truncate_at_stop(t, stop), n_tokens=len(r.tokens), finish_reason=r.reason)
+            for r, t in zip(rows, texts)
+        ]
+        stats.generated_tokens += sum(len(r.tokens) for r in rows)
+        if on_batch is not None:
+            on_batch([row.request], [results[row.request]])
+        if progress is not None:
+            progress(1)
+
     was_training = model.training
     model.eval()
     try:
-        for idx in _batches(requests, [len(e) for e in encoded], cfg.prompts_per_batch):
-            rows, prompts = [], []
-            for i in idx:
+        for group in _groups(requests, [len(e) for e in encoded]):
+            queue = []
+            for i in group:
                 for s in range(cfg.n):
                     gen = None
                     if cfg.do_sample:
                         gen = torch.Generator(device=model_device(model))
                         gen.manual_seed(sample_seed(cfg.seed, requests[i].prompt, s))
-                    rows.append(_Row(i, s, gen))
-                    prompts.append(encoded[i])
-            _decode_batch(model, tokenizer, prompts, rows, requests[idx[0]].stop, cfg, eos_ids, pad_id)
-            texts = tokenizer.batch_decode([r.tokens for r in rows], skip_special_tokens=True)
-            for row, text in zip(rows, texts):
-                cut = truncate_at_stop(text, requests[row.request].stop)
-                results[row.request].append(Completion(text=cut, n_tokens=len(row.tokens), finish_reason=row.reason))
-                stats.generated_tokens += len(row.tokens)
+                    queue.append(_Row(i, s, encoded[i], gen))
+            stream = _Stream(model, tokenizer, requests[group[0]].stop, cfg, eos_ids, row_done)
+            stream.run(queue, slots=cfg.batch_size)
             stats.batches += 1
-            if on_batch is not None:
-                on_batch(idx, [results[i] for i in idx])
-            if progress is not None:
-                progress(len(idx))
+            stats.extra["decode_steps"] = stats.extra.get("decode_steps", 0) + stream.steps
     finally:
         if was_training:
             model.train()

@@ -11,7 +11,6 @@ the final files goes to ``<run dir>/<eval name>/``.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from abc import abstractmethod
 from collections import Counter
@@ -26,8 +25,9 @@ from quantlab.evals.base import Evaluator
 from quantlab.evals.code.passk import pass_at_k, usable_ks
 from quantlab.evals.code.problem import CodeProblem, Verdict
 from quantlab.evals.code.store import SampleStore
-from quantlab.execution import Limits, Program, Sandbox
+from quantlab.execution import Program, Sandbox
 from quantlab.execution.sandbox import ISOLATIONS
+from quantlab.execution.toolchains import with_run_limits
 from quantlab.generation import Completion, DecodingConfig, GenRequest, generate
 from quantlab.types import EvalResult, RunContext
 from quantlab.utils.checks import is_int
@@ -58,7 +58,7 @@ class CodeEval(Evaluator):
         limit: evaluate only the first ``limit`` problems (quick runs; recorded).
         prompt_style: ``plain`` (prompt as-is, for base models) or ``chat`` (the prompt inside the
             tokenizer's chat template after ``instruction``; the assistant turn starts with a code
-            fence and the prompt, so completions still continue the prompt).
+            fence and the prompt, so completions still continue the prompt; a closing fence stops).
         instruction: the instruction of ``chat`` style (``{language}`` is filled in).
         workers: parallel sandboxed programs.
         isolation: sandbox isolation (``auto`` / ``bwrap`` / ``none``), see :mod:`quantlab.execution`.
@@ -156,21 +156,15 @@ class CodeEval(Evaluator):
         fence = FENCE.get(lang, lang)
         messages = [{"role": "user", "content": f"{text}\n```{fence}\n{problem.prompt}```"}]
         head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return GenRequest(f"{head}```{fence}\n{problem.prompt}", (*stop, "\n```"), add_special_tokens=False)
+        # the prompt ends inside a code fence: the model closing it ("```", also at the very start) ends the code
+        return GenRequest(f"{head}```{fence}\n{problem.prompt}", (*stop, "```"), add_special_tokens=False)
 
     def program(self, problem: CodeProblem, completion: str) -> Program:
-        """``problem.program`` with this eval's run-step timeout applied."""
+        """``problem.program`` with this eval's run-step timeout (wall clock and CPU) applied."""
         prog = problem.program(completion)
         if self.timeout_s is None:
             return prog
-        t = float(self.timeout_s)
-
-        def limited(lim: Limits) -> Limits:  # the CPU limit must not end the program before the clock
-            return dataclasses.replace(lim, timeout_s=t, cpu_s=max(lim.cpu_s, t))
-
-        steps = tuple(dataclasses.replace(s, limits=limited(s.limits or Limits())) if s.name == "run" else s
-                      for s in prog.steps)
-        return dataclasses.replace(prog, steps=steps)
+        return with_run_limits(prog, timeout_s=float(self.timeout_s), cpu_s=float(self.timeout_s))
 
     def _store(self, ctx: RunContext, meta: dict[str, Any]) -> SampleStore:
         if self.resume and ctx.run_fingerprint:
@@ -187,8 +181,10 @@ class CodeEval(Evaluator):
             raise ConfigError(f"eval.{self.name}", "no problems to evaluate")
         decoding = self.decoding(ctx.seed)
         requests = [self.request(p, tokenizer) for p in problems]
+        # batch size does not change completions (tested): a rerun with another one still resumes
         meta = {
-            "eval": self.kind, "decoding": decoding.describe(), "prompt_style": self.prompt_style,
+            "eval": self.kind, "decoding": {k: v for k, v in decoding.describe().items() if k != "batch_size"},
+            "prompt_style": self.prompt_style,
             "instruction": self.instruction if self.prompt_style == "chat" else None,
         }
         store = self._store(ctx, meta)
