@@ -63,8 +63,18 @@ def table2(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-def paper_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Both table shapes (empty when no run has code metrics)."""
+def _as_text(tab: pd.DataFrame) -> pd.DataFrame:
+    """Scores as 4-decimal strings (``-`` where a method has no run for that column)."""
+    out = tab.copy()
+    for c in out.columns:
+        if c not in ("method", "runs"):
+            out[c] = out[c].map(lambda v: "-" if pd.isna(v) else f"{float(v):.4f}")
+    return out
+
+
+def paper_tables(summary: pd.DataFrame, as_text: bool = False) -> list[tuple[str, pd.DataFrame]]:
+    """Both table shapes (empty when no run has code metrics); ``as_text`` formats the scores."""
     if summary.empty or "model" not in summary:
         return []
-    return table1(summary) + table2(summary)
+    tables = table1(summary) + table2(summary)
+    return [(t, _as_text(tab)) for t, tab in tables] if as_text else tables

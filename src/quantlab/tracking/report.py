@@ -234,7 +234,7 @@ def _markdown_report(summary: pd.DataFrame) -> str:
     for name, rows, notes in _experiment_tables(summary):
         parts += [f"\n## {name or '(no experiment)'}\n", f"\n{_caption(rows)}\n\n", render_markdown(rows)]
         parts += [f"\nNote ({n})\n" for n in notes]
-    for title, tab in paper_tables(summary):
+    for title, tab in paper_tables(summary, as_text=True):
         parts += [f"\n## {title}\n\n", render_markdown(tab)]
     parts.append("\n`peak_rss_gb` is the peak RSS of the whole process (in a multirun it includes earlier jobs).\n")
     return "".join(parts)
@@ -274,7 +274,7 @@ def print_tables(summary: pd.DataFrame, console=None) -> None:
                 console.print(f"note ({note})", soft_wrap=True)
         finally:
             console.width = saved
-    for title, tab in paper_tables(summary):
+    for title, tab in paper_tables(summary, as_text=True):
         table, width = _rich_table(title, tab)
         saved = console.width
         console.width = max(width, saved)
