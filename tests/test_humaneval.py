@@ -57,7 +57,7 @@ def test_bad_data_files_name_file_line_and_key(tmp_path):
     with pytest.raises(DataError, match=r"he.jsonl:1: row lacks \['canonical_solution'"):
         load_humaneval(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(DataError, match="he.jsonl:1: not JSON"):
+    with pytest.raises(DataError, match="he.jsonl:1: not valid JSON"):
         load_humaneval(bad)
     with pytest.raises(ConfigError, match="eval.humaneval.path: no such file"):
         load_humaneval(tmp_path / "missing.jsonl")

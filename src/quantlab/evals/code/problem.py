@@ -8,8 +8,14 @@ sandbox's :class:`~quantlab.execution.ProgramResult`. HumanEval, BabelCode and M
 """
 from __future__ import annotations
 
+import gzip
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from quantlab.errors import DataError
 
 if TYPE_CHECKING:
     from quantlab.execution import Program, ProgramResult
@@ -64,3 +70,29 @@ def cap_error(text: str, limit: int = 500) -> str:
     """Last ``limit`` characters of an error text (tracebacks end with the exception)."""
     text = text.strip()
     return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` of a ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file; ``where`` = ``file:line``.
+
+    Raises:
+        DataError: a line that is not a JSON object (naming file and line).
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415  (optional dependency)
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}:row {i}", row
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{lineno}", row
