@@ -1,0 +1,1 @@
+"""Pure text metrics computed on generations (no model, no I/O)."""
