@@ -37,10 +37,17 @@ def test_model_configs_build(model):
     assert spec.model.name == model
 
 
+# presets named after their format rather than their algorithm (the names): stem -> method
+FORMAT_PRESETS = {"nf4_ref": "rtn", "fp4_ref": "rtn"}
+
+
 @pytest.mark.parametrize("quantizer", QUANTIZER_FILES)
 def test_quantizer_configs_build(quantizer):
     spec = build_spec(compose([f"quantizer={quantizer}"]))
     name = quantizer_class(spec.quantizer).name
+    if quantizer in FORMAT_PRESETS:
+        assert FORMAT_PRESETS[quantizer] == name and spec.quantizer.format.kind == quantizer.split("_")[0]
+        return
     assert quantizer == name or quantizer.startswith(name + "_"), "YAML stem must be <name> or <name>_<variant>"
 
 

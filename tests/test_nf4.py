@@ -100,3 +100,60 @@ def test_nf4_is_closer_than_fp4_on_gaussian_weights():
     w = torch.randn(512, 512)
     err = {k: (fake_quantize_codebook(w, k) - w).pow(2).mean() for k in ("nf4", "fp4")}
     assert err["nf4"] < err["fp4"]
+
+
+# --- the format and the nf4_ref / fp4_ref quantizers -----------------------------------------------
+def test_codebook_format_accounting_and_validation():
+    from quantlab.errors import ConfigError
+    from quantlab.formats.spec import QuantFormat
+
+    f = QuantFormat(bits=4, group_size=64, kind="nf4", scale_bits=32)
+    assert f.short_name() == "nf4g64" and f.bits_per_weight() == 4.5  # 4 + 32/64
+    dq = QuantFormat(bits=4, group_size=64, kind="fp4", double_quant=True)
+    assert dq.short_name() == "fp4g64dq" and dq.bits_per_weight() == pytest.approx(4 + 8 / 64 + 32 / (256 * 64))
+    with pytest.raises(ConfigError, match="quantizer.format.bits"):
+        QuantFormat(bits=3, kind="nf4")
+    with pytest.raises(ConfigError, match="quantizer.format.double_quant"):
+        QuantFormat(bits=4, double_quant=True)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_rtn_with_a_codebook_format_equals_the_reference_on_every_linear(tiny, tmp_path, kind, double_quant):
+    from quantlab.formats.spec import QuantFormat
+    from quantlab.quantizers.rtn import RTNConfig, RTNQuantizer
+    from quantlab.types import RunContext
+
+    model, _ = tiny
+    fmt = QuantFormat(bits=4, group_size=32, kind=kind, scale_bits=32, double_quant=double_quant)
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    q = RTNQuantizer(RTNConfig(format=fmt))
+    q.validate(model)
+    res = q.quantize(model, None, RunContext(device="cpu", seed=0, output_dir=tmp_path))
+    assert "lm_head" not in res.quantized_layers and res.quantized_layers
+    for name in res.quantized_layers:
+        expect = fake_quantize_codebook(before[name], kind, 32, double_quant=double_quant)
+        assert torch.equal(model.get_submodule(name).weight, expect)
+
+
+def test_integer_only_methods_refuse_codebook_formats(tiny):
+    from quantlab.errors import ConfigError
+    from quantlab.formats.spec import QuantFormat
+    from quantlab.quantizers.gptq import GPTQConfig, GPTQQuantizer
+
+    with pytest.raises(ConfigError, match="quantizer.format.kind"):
+        GPTQQuantizer(GPTQConfig(format=QuantFormat(bits=4, group_size=32, kind="nf4"))).validate(tiny[0])
+
+
+def test_cli_nf4_ref_and_fp4_dq(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli(["-m", "+exp=demo_tiny", "quantizer=nf4_ref,fp4_ref", "quantizer.format.double_quant=false,true",
+                    "eval=[ppl_local]"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("result.json")]
+    got = sorted((r["format"]["short_name"], r["bits_per_weight"]) for r in recs)
+    assert [g[0] for g in got] == ["fp4g64", "fp4g64dq", "nf4g64", "nf4g64dq"]
+    assert all(r["status"] == "ok" and r["metrics"]["ppl/local_stdlib"] > 1 for r in recs)

@@ -13,7 +13,9 @@ from typing import Any
 from quantlab.errors import ConfigError
 from quantlab.utils.checks import is_int
 
-KINDS = ("int",)
+KINDS = ("int", "nf4", "fp4")
+#: codebook kinds (bitsandbytes' 4-bit types): absmax-scaled blocks of ``group_size`` values, see formats/nf4.py
+CODEBOOK_KINDS = ("nf4", "fp4")
 _KEY = "quantizer.format"
 
 
@@ -27,7 +29,12 @@ class QuantFormat:
             ``-1`` means one set of parameters per output channel (the whole row).
         symmetric: symmetric grid (no zero point stored; z fixed at 2^(b-1)) or asymmetric
             (min/max range with a b-bit zero point).
-        kind: grid kind; ``int`` (uniform affine grid). Code-book kinds (nf4/fp4) are separate formats.
+        kind: grid kind; ``int`` (uniform affine grid) or a 4-bit codebook, ``nf4`` / ``fp4``
+            (bitsandbytes' data types: each block of ``group_size`` consecutive input channels is
+            scaled by its absmax and every value is the nearest of 16 codebook entries; bits must
+            be 4, ``symmetric``/``zero_in_range`` do not apply; see :mod:`quantlab.formats.nf4`).
+        double_quant: codebook kinds only: the fp32 block absmax values are themselves quantized to
+            8 bits in blocks of 256 (QLoRA "double quantization", bitsandbytes ``*-dq``).
         zero_in_range: asymmetric only. ``False`` = AWQ / SmoothQuant+ convention (range is the group's
             [min, max]; an all-positive group clips its top values). ``True`` = GPTQ convention
             (range widened to include 0).
@@ -40,6 +47,11 @@ class QuantFormat:
     kind: str = "int"
     zero_in_range: bool = False
     scale_bits: int = 16
+    double_quant: bool = False
+
+    @property
+    def is_codebook(self) -> bool:
+        return self.kind in CODEBOOK_KINDS
 
     def __post_init__(self) -> None:
         if not is_int(self.bits) or not 2 <= self.bits <= 8:
@@ -53,6 +65,15 @@ class QuantFormat:
             raise ConfigError(f"{_KEY}.symmetric", f"must be true or false, got {self.symmetric!r}")
         if self.scale_bits not in (8, 16, 32):
             raise ConfigError(f"{_KEY}.scale_bits", f"must be 8, 16 or 32, got {self.scale_bits!r}")
+        if not isinstance(self.double_quant, bool):
+            raise ConfigError(f"{_KEY}.double_quant", f"must be true or false, got {self.double_quant!r}")
+        if self.is_codebook:
+            if self.bits != 4:
+                raise ConfigError(f"{_KEY}.bits", f"{self.kind} is a 4-bit codebook; got bits={self.bits}")
+            if gs == -1:
+                raise ConfigError(f"{_KEY}.group_size", f"{self.kind} needs a block size (bitsandbytes: 64), not -1")
+        elif self.double_quant:
+            raise ConfigError(f"{_KEY}.double_quant", "applies only to the nf4/fp4 codebook kinds")
 
     @property
     def maxq(self) -> int:
@@ -85,12 +106,16 @@ class QuantFormat:
             g = in_features
         else:
             g = self.group_size
+        if self.is_codebook:  # absmax per block; with double quantization 8 bits + an fp32 per 256 blocks
+            return self.bits + (8 / g + 32 / (256 * g) if self.double_quant else self.scale_bits / g)
         overhead = self.scale_bits + (0 if self.symmetric else self.bits)
         return self.bits + overhead / g
 
     def short_name(self) -> str:
         """Compact label, e.g. ``w4g128a`` (a = asymmetric, s = symmetric) or ``w8pcs``."""
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
+        if self.is_codebook:
+            return f"{self.kind}{g}{'dq' if self.double_quant else ''}"
         return f"w{self.bits}{g}{'s' if self.symmetric else 'a'}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -105,6 +105,8 @@ class Quantizer(ABC, Generic[C]):
     config_cls: ClassVar[type[QuantizerConfig]]
     requires_calibration: ClassVar[bool] = False
     is_identity: ClassVar[bool] = False
+    #: format kinds this method can quantize to (``QuantFormat.kind``)
+    supported_kinds: ClassVar[tuple[str, ...]] = ("int",)
 
     def __init__(self, config: C) -> None:
         if not isinstance(config, self.config_cls):
@@ -134,6 +136,12 @@ class Quantizer(ABC, Generic[C]):
             )
         fmt = self.format
         if fmt is not None:
+            if fmt.kind not in self.supported_kinds:
+                raise ConfigError(
+                    "quantizer.format.kind",
+                    f"{self.name} quantizes to {list(self.supported_kinds)} grids, not {fmt.kind!r} "
+                    "(nf4/fp4 codebooks: quantizer=nf4_ref / fp4_ref, i.e. rtn with a codebook format)",
+                )
             for name, mod in targets:
                 fmt.check_layer(name, mod.in_features)
 

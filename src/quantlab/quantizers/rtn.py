@@ -1,5 +1,9 @@
 """Round-to-nearest (RTN): group-wise min/max fake quantization of every selected Linear.
 
+With a codebook format (``kind: nf4`` / ``fp4``) RTN is the reference NF4/FP4 fake quantization of
+bitsandbytes' data types (blocks of ``group_size`` absmax-scaled values, nearest codebook entry,
+optional double quantization; :mod:`quantlab.formats.nf4`): ``quantizer=nf4_ref`` / ``fp4_ref``.
+
 The baseline of every weight-quantization paper (GPTQ "RTN", AWQ "RTN", SmoothQuant+ Table 1 "RTN").
 Each weight group gets min/max parameters (:func:`quantlab.formats.affine.choose_qparams`) and is
 rounded to the nearest grid point; the dequantized weight replaces the original in the model's dtype
@@ -15,6 +19,12 @@ import torch
 from torch import nn
 
 from quantlab.formats import affine
+from quantlab.formats.nf4 import (
+    dequantize_codebook,
+    double_dequantize_absmax,
+    double_quantize_absmax,
+    quantize_codebook,
+)
 from quantlab.formats.spec import QuantFormat
 from quantlab.quantizers.base import Quantizer, QuantizerConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
@@ -40,6 +50,20 @@ class RTNConfig(QuantizerConfig):
 class RTNQuantizer(Quantizer[RTNConfig]):
     """Replaces each selected Linear's weight by its RTN fake-quantized value."""
 
+    supported_kinds = ("int", "nf4", "fp4")
+
+    @staticmethod
+    def _codebook(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """nf4/fp4: blocks of ``group_size`` consecutive input channels of a row (= bitsandbytes'
+        blocks of the flattened weight, since ``group_size`` divides ``in_features``)."""
+        codes, absmax = quantize_codebook(w, fmt.kind, fmt.group_size)
+        extra = {"absmax": absmax}
+        if fmt.double_quant:
+            c2, a2, offset = double_quantize_absmax(absmax)
+            absmax = double_dequantize_absmax(c2, a2, offset)
+            extra = {"absmax_codes": c2, "absmax2": a2, "absmax_offset": torch.tensor([offset])}
+        return dequantize_codebook(codes, absmax, fmt.kind, fmt.group_size), {"codes": codes, **extra}
+
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         fmt = self.config.format
@@ -47,6 +71,13 @@ class RTNQuantizer(Quantizer[RTNConfig]):
         artifacts: dict[str, torch.Tensor] = {}
         for name, mod in self.target_linears(model):
             w = mod.weight.data
+            if fmt.is_codebook:
+                deq, parts = self._codebook(w, fmt)
+                mod.weight.data.copy_(deq.to(w.dtype))
+                if self.config.save_codes:
+                    artifacts.update({f"{name}.{k}": v.cpu() for k, v in parts.items()})
+                done.append(name)
+                continue
             q, scale, zero = affine.quantize_weight(w, fmt)
             mod.weight.data.copy_(affine.dequantize(q, scale, zero, fmt).to(w.dtype))
             if self.config.save_codes:
