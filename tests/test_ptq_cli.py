@@ -33,13 +33,12 @@ def test_saved_artifacts_reapply_without_calibration(tmp_path, method):
     assert again.returncode == 0, again.stderr[-3000:]
     (rec2,) = _records(tmp_path / "b" / "results")
     assert rec2["calib"] is None  # nothing was calibrated or searched
-    if method == "smoothquant":
-        # W8A8 rounds activations on every forward, so a last-bit difference in a matmul between two processes
-        # can flip an int8 code: once (in a full-suite run) 645.369 vs 645.348 (3e-5 relative). The re-applied
-        # weights are bit-exact (tests/test_smoothquant.py checks logits in one process).
-        assert rec2["metrics"]["ppl/local_stdlib"] == pytest.approx(rec["metrics"]["ppl/local_stdlib"], rel=1e-4)
-    else:
-        assert rec2["metrics"]["ppl/local_stdlib"] == rec["metrics"]["ppl/local_stdlib"]
+    # Two processes need not agree to the last bit on CPU float math (the BLAS may take another summation
+    # order, e.g. for other memory alignment); the re-applied model itself is checked bit-exact in one process
+    # (tests/test_awq.py, test_gptq.py, test_smoothquant.py, test_smoothquant_plus.py). Measured across
+    # processes, once each in full-suite runs: smoothquant 645.369 vs 645.348 (3e-5 relative; W8A8 can flip an
+    # int8 activation code), awq 658.2551 vs 658.2432 (1.8e-5); otherwise equal.
+    assert rec2["metrics"]["ppl/local_stdlib"] == pytest.approx(rec["metrics"]["ppl/local_stdlib"], rel=1e-4)
 
 
 def test_artifacts_of_another_method_are_refused(tmp_path):
