@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantlab.errors import DataError
-from quantlab.evals.code.problem import Verdict, cap_error, iter_rows
+from quantlab.evals.code.problem import Verdict, cap_error, iter_rows, take_per_language, wanted_languages
 
 if TYPE_CHECKING:
     from quantlab.execution import Limits, Program, ProgramResult
@@ -344,24 +344,6 @@ def load_babelcode(source: str, languages: Sequence[str] = LANGUAGES, limit: int
         DataError: unknown language, unreadable source, bad row (naming file, line and key), or no
             problem of the requested languages.
     """
-    wanted = []
-    for name in languages:
-        lang = normalize_language(name)
-        if lang is None or lang not in LANGUAGES:
-            raise DataError(f"babelcode: unsupported language {name!r}; supported: {', '.join(LANGUAGES)}")
-        wanted.append(lang)
-    counts = dict.fromkeys(wanted, 0)
-    problems: list[BabelCodeProblem] = []
-    for where, row in _source_rows(source):
-        if "language" not in row:
-            raise DataError(f"{where}: BabelCode row is missing key 'language'")
-        lang = normalize_language(row["language"])
-        if lang not in counts or (limit is not None and counts[lang] >= limit):
-            continue
-        problems.append(problem_from_row(row, where))
-        counts[lang] += 1
-    if not problems:
-        raise DataError(f"babelcode source '{source}': no problems for languages {wanted}")
-    log.info("babelcode: %d problems from %s (%s)", len(problems), source,
-             ", ".join(f"{k}={v}" for k, v in counts.items()))
-    return problems
+    wanted = wanted_languages(languages, normalize_language, LANGUAGES, "babelcode")
+    return take_per_language(_source_rows(source), wanted, limit, normalize_language, problem_from_row,
+                             "BabelCode", source)

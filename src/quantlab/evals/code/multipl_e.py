@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from quantlab.errors import DataError
 from quantlab.evals.code.babelcode import head_tail, timeout_limits
-from quantlab.evals.code.problem import Verdict, iter_rows
+from quantlab.evals.code.problem import Verdict, iter_rows, take_per_language, wanted_languages
 
 if TYPE_CHECKING:
     from quantlab.execution import Program, ProgramResult
@@ -200,12 +200,7 @@ def load_multipl_e(source: str, languages: Sequence[str] = LANGUAGES, limit: int
         DataError: unknown language, unreadable source, bad row (naming file, line and key), or no
             problem of the requested languages.
     """
-    wanted = []
-    for name in languages:
-        lang = normalize_language(name)
-        if lang is None:
-            raise DataError(f"multipl_e: unsupported language {name!r}; supported: {', '.join(LANGUAGES)}")
-        wanted.append(lang)
+    wanted = wanted_languages(languages, normalize_language, LANGUAGES, "multipl_e")
     if source == "hub":
         rows = _hub_rows(wanted)
     else:
@@ -213,18 +208,5 @@ def load_multipl_e(source: str, languages: Sequence[str] = LANGUAGES, limit: int
         if not path.is_file():
             raise DataError(f"multipl_e source '{source}': no such file. Fix: pass a .jsonl of MultiPL-E rows or 'hub'")
         rows = iter_rows(path)
-    counts = dict.fromkeys(wanted, 0)
-    problems: list[MultiPLEProblem] = []
-    for where, row in rows:
-        if "language" not in row:
-            raise DataError(f"{where}: MultiPL-E row is missing key 'language'")
-        lang = normalize_language(row["language"])
-        if lang not in counts or (limit is not None and counts[lang] >= limit):
-            continue
-        problems.append(problem_from_row(row, where, javatuples_jar))
-        counts[lang] += 1
-    if not problems:
-        raise DataError(f"multipl_e source '{source}': no problems for languages {wanted}")
-    log.info("multipl_e: %d problems from %s (%s)", len(problems), source,
-             ", ".join(f"{k}={v}" for k, v in counts.items()))
-    return problems
+    return take_per_language(rows, wanted, limit, normalize_language,
+                             lambda row, where: problem_from_row(row, where, javatuples_jar), "MultiPL-E", source)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from quantlab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from quantlab.execution import Program, ProgramResult
@@ -96,3 +99,37 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}:{lineno}", row
+
+
+def wanted_languages(languages: Sequence[str], normalize: Callable[[str], str | None],
+                     supported: Sequence[str], dataset: str) -> list[str]:
+    """quantlab names of the requested ``languages`` (DataError naming an unsupported one)."""
+    wanted = []
+    for name in languages:
+        lang = normalize(name)
+        if lang is None or lang not in supported:
+            raise DataError(f"{dataset}: unsupported language {name!r}; supported: {', '.join(supported)}")
+        wanted.append(lang)
+    return wanted
+
+
+def take_per_language(rows: Iterable[tuple[str, dict[str, Any]]], wanted: Sequence[str], limit: int | None,
+                      normalize: Callable[[str], str | None], build: Callable[[dict[str, Any], str], Any],
+                      dataset: str, source: str) -> list[Any]:
+    """``build(row, where)`` for the rows of the ``wanted`` languages, at most ``limit`` per language,
+    in file order. DataError for a row without ``language`` or when nothing is left."""
+    counts = dict.fromkeys(wanted, 0)
+    problems = []
+    for where, row in rows:
+        if "language" not in row:
+            raise DataError(f"{where}: {dataset} row is missing key 'language'")
+        lang = normalize(row["language"])
+        if lang not in counts or (limit is not None and counts[lang] >= limit):
+            continue
+        problems.append(build(row, where))
+        counts[lang] += 1
+    if not problems:
+        raise DataError(f"{dataset} source '{source}': no problems for languages {list(wanted)}")
+    log.info("%s: %d problems from %s (%s)", dataset, len(problems), source,
+             ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return problems
