@@ -33,6 +33,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's ops are too small for intra-op threads; one thread avoids thrashing on busy CPUs.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny():
     """(model, tokenizer) of the seeded in-code tiny Llama (float32)."""

@@ -29,13 +29,7 @@ TASK_DIR = CONF / "eval" / "lm_eval_tasks"
 LOCAL = "eval/lm_eval_tasks"  # include_path as the preset writes it (resolved against the conf dir)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are too small for intra-op threads; one thread avoids thrashing on busy CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
