@@ -1,9 +1,10 @@
 """AWQ: the scale/clip math against direct transcriptions of llm-awq, and the method end to end on the tiny model."""
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import random_calib as _calib
 
 from quantlab.algorithms import awq as A
 from quantlab.algorithms.smoothing import fold_scales
@@ -15,7 +16,6 @@ from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.awq import AWQConfig, AWQQuantizer, search_sequences
 from quantlab.quantizers.rtn import RTNConfig, RTNQuantizer
-from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 FMT = QuantFormat(bits=4, group_size=32)  # asymmetric min/max, zero point (the AWQ convention)
 VO = "self_attn.v_proj->o_proj"

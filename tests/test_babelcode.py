@@ -17,7 +17,12 @@ import pytest
 
 from quantlab.errors import DataError
 from quantlab.evals.code.babelcode import (
-    BabelCodeProblem, STOP_WORDS, closing_text, load_babelcode, open_brace_depth, parse_test_outcomes,
+    STOP_WORDS,
+    BabelCodeProblem,
+    closing_text,
+    load_babelcode,
+    open_brace_depth,
+    parse_test_outcomes,
 )
 from quantlab.evals.code.multipl_e import MultiPLEProblem, load_multipl_e
 from quantlab.evals.code.problem import CodeProblem

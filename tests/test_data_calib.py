@@ -221,7 +221,6 @@ def test_calibration_corpus_is_disjoint_from_evaluation_corpus():
     assert len("".join(read_texts(calib_paths, "calib.path"))) > 100_000  # enough for 16 x 512 tokens
     # the shipped defaults use them that way round
     import yaml
-
     from conftest import CONF
 
     assert yaml.safe_load((CONF / "calib" / "local_stdlib.yaml").read_text())["path"] == "stdlib_calib"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import random_calib as _calib
 
 from quantlab.algorithms.gptq import HessianAccumulator, dequantize_gidx, gptq_quantize_weight
 from quantlab.errors import ConfigError, DataError
@@ -11,7 +13,6 @@ from quantlab.formats.spec import QuantFormat
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.gptq import GPTQConfig, GPTQQuantizer
-from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 F64 = torch.float64
 

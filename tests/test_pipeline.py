@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import compose
+
 from quantlab.errors import ConfigError
 from quantlab.pipeline import run
 

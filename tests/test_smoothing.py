@@ -2,9 +2,9 @@
 test_smoothquant.py, test_smoothquant_plus.py and test_awq.py."""
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import random_calib as _calib  # noqa: E402,I001
 
 from quantlab.algorithms.smoothing import fold_group_scales, group_scales, smoothquant_scales
 from quantlab.calib.stats import collect_group_absmax, group_key
@@ -12,7 +12,6 @@ from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.nn.act_quant import quantize_absmax
-from conftest import random_calib as _calib  # noqa: E402,I001
 
 CPU = torch.device("cpu")
 FMT = QuantFormat(bits=4, group_size=32)

@@ -1,10 +1,11 @@
 """SmoothQuant W8A8: activation fake quantization, swapped Linears, accuracy, artifacts, config errors."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import random_calib as _calib
 
 from quantlab.calib.stats import collect_group_absmax
 from quantlab.errors import ConfigError
@@ -19,7 +20,6 @@ from quantlab.nn.act_quant import (
 )
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.smoothquant import SmoothQuantConfig, SmoothQuantQuantizer, norm_groups
-from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 CPU = torch.device("cpu")
 GROUP_QKV = "input_layernorm->q_proj,k_proj,v_proj"

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import random_calib as _calib
 
 from quantlab.algorithms import alpha_search as AS
 from quantlab.algorithms.smoothing import fold_group_scales, group_scales
@@ -21,7 +23,6 @@ from quantlab.quantizers.smoothquant_plus import (
     SmoothQuantPlusQuantizer,
     smoothed_groups,
 )
-from conftest import cpu_ctx as _ctx, random_calib as _calib  # noqa: E402,I001
 
 CPU = torch.device("cpu")
 FMT = QuantFormat(bits=4, group_size=32)  # tiny model: hidden 64, so g32 gives 2 groups per row

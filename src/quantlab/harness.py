@@ -19,6 +19,7 @@ from torch import nn
 from quantlab.calib.datasets import CalibConfig, build_calib
 from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
+from quantlab.metrics.footprint import GB, model_footprint, packed_estimate
 from quantlab.models.loaders import LoadedModel, ModelConfig, load_model
 from quantlab.quantizers.artifacts import ARTIFACTS_FILE, save_artifacts
 from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer
@@ -26,7 +27,7 @@ from quantlab.tracking.env import peak_memory, reset_peak_cuda
 from quantlab.tracking.record import write_table
 from quantlab.types import CalibData, EvalResult, RunContext
 from quantlab.utils.hashing import fingerprint
-from quantlab.utils.torch_utils import seed_everything
+from quantlab.utils.torch_utils import resolve_device, resolve_dtype, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def weighted_bits_per_weight(quantizer: Quantizer, model: nn.Module, layers: lis
     total = bits = 0.0
     for name in layers:
         mod = model.get_submodule(name)
-        n = mod.weight.numel()
+        n = mod.in_features * mod.out_features  # not weight.numel(): bitsandbytes packs 2 codes per byte
         total += n
         bits += n * fmt.bits_per_weight(mod.in_features)
     return bits / total
@@ -112,6 +113,26 @@ def _snapshot_weights(quantizer: Quantizer, model: nn.Module) -> dict[str, torch
     return {name: mod.weight.detach().to("cpu", copy=True) for name, mod in quantizer.target_linears(model)}
 
 
+def _record_footprint(out: RunOutcome, quantizer: Quantizer, model: nn.Module, layers: list[str]) -> None:
+    """``memory/footprint_gb`` (what the model holds, bitsandbytes states included; Table 6) and, for
+    fake-quantized runs whose weights stay floating point, ``memory/packed_est_gb``."""
+    fp = model_footprint(model)
+    out.metrics["memory/footprint_gb"] = fp.total / GB
+    out.provenance["memory/footprint_gb"] = {
+        "protocol": "params + buffers + bitsandbytes quantization states, each storage once", **fp.describe(),
+        "hf_get_memory_footprint_gb": fp.hf / GB,
+    }
+    fmt = quantizer.format
+    if fmt is not None and layers and not quantizer.quantizes_at_load:
+        bpw = {n: fmt.bits_per_weight(model.get_submodule(n).in_features) for n in layers}
+        out.metrics["memory/packed_est_gb"] = packed_estimate(model, bpw) / GB
+        out.provenance["memory/packed_est_gb"] = {
+            "protocol": "estimate: quantized Linears at their bits per weight (scales included), "
+                        "everything else as held; the run itself holds fake-quantized fp weights",
+            "format": fmt.short_name(),
+        }
+
+
 def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) -> None:
     for key, value in res.metrics.items():
         if key in out.metrics:
@@ -132,7 +153,18 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     seed_everything(spec.seed)
     quantizer = build_quantizer(spec.quantizer)
     out.quantizer_name = quantizer.name
-    loaded: LoadedModel = load_model(spec.model)
+    load_config = None
+    if quantizer.quantizes_at_load:  # bitsandbytes: transformers quantizes while loading
+        if any(e.requires_fp_weights for e in spec.evals):
+            bad = [e.name for e in spec.evals if e.requires_fp_weights]
+            raise ConfigError("eval", f"{bad} compare against full-precision weights, which {quantizer.name} "
+                              "never holds (it quantizes while loading); drop them from eval")
+        dtype = resolve_dtype(spec.model.dtype)
+        dtype = torch.float32 if dtype == "auto" else dtype
+        quantizer.prepare(resolve_device(spec.model.device), dtype)
+        seed_everything(spec.seed)
+        load_config = quantizer.load_config(dtype)
+    loaded: LoadedModel = load_model(spec.model, quantization_config=load_config)
     model, tok = loaded.model, loaded.tokenizer
     out.model_info = loaded.info
     quantizer.validate(model)
@@ -182,6 +214,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         t1 = time.perf_counter()
         res = ev.run(model, tok, ctx)
         _merge_eval(out, ev, res, time.perf_counter() - t1)
+    _record_footprint(out, quantizer, model, result.quantized_layers)  # after the evals: theirs come first
     note = out.model_info.get("note")
     if note:  # e.g. the demo model's "fp" weights are dequantized Q4_1: say so next to every number
         for prov in out.provenance.values():

@@ -76,26 +76,26 @@ class LoadedModel:
     info: dict[str, Any]
 
 
-def _from_folder(folder: Path, cfg: ModelConfig, dtype: Any, device_map: Any) -> tuple[nn.Module, Any]:
+def _from_folder(folder: Path, cfg: ModelConfig, dtype: Any, device_map: Any, **extra: Any) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code
+            folder, dtype=dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code, **extra
         )
     except (OSError, ValueError) as e:
         raise DataError(f"model.path: cannot load a Hugging Face model from {folder}: {str(e).splitlines()[0]}") from e
     return model, tok
 
 
-def _from_hub(cfg: ModelConfig, dtype: Any, device_map: Any) -> tuple[nn.Module, Any]:
+def _from_hub(cfg: ModelConfig, dtype: Any, device_map: Any, **extra: Any) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(cfg.hub_id, **kw)
-        model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, dtype=dtype, device_map=device_map, **kw)
+        model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, dtype=dtype, device_map=device_map, **kw, **extra)
     except OSError as e:
         raise DataError(
             f"model.hub_id: cannot load {cfg.hub_id!r} from the Hugging Face Hub ({str(e).splitlines()[0][:160]}). "
@@ -104,29 +104,57 @@ def _from_hub(cfg: ModelConfig, dtype: Any, device_map: Any) -> tuple[nn.Module,
     return model, tok
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load the configured model and tokenizer; the model is returned in eval mode on its device."""
+def _tiny_through_loader(cfg: ModelConfig, dtype: Any, device_map: Any, extra: dict[str, Any]) -> nn.Module:
+    """The tiny model built in code, saved to a temporary folder and loaded back through
+    ``from_pretrained`` so load-time quantization (bitsandbytes) applies to it as to a real model."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.models.tiny import build_tiny_llama
+
+    built, _ = build_tiny_llama(dtype=dtype if dtype != "auto" else torch.float32, **cfg.tiny)
+    with tempfile.TemporaryDirectory(prefix="quantlab-tiny-") as tmp:
+        built.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map=device_map, **extra)
+
+
+def load_model(cfg: ModelConfig, quantization_config: Any = None) -> LoadedModel:
+    """Load the configured model and tokenizer; the model is returned in eval mode on its device.
+
+    ``quantization_config`` (e.g. transformers' ``BitsAndBytesConfig``) is passed to
+    ``from_pretrained``: the weights are quantized while loading, placed on ``cfg.device`` through a
+    device map (quantized models cannot be moved with ``.to`` afterwards).
+    """
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
     device_map = cfg.device_map
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        extra["quantization_config"] = quantization_config
+        if device_map is None:
+            device_map = {"": str(device)}
     t0 = time.perf_counter()
     origin: dict[str, Any] = {}
     if cfg.path is not None:
         folder = Path(cfg.path).expanduser()
-        model, tok = _from_folder(folder, cfg, dtype, device_map)
+        model, tok = _from_folder(folder, cfg, dtype, device_map, **extra)
         origin["path"] = str(folder)
     elif cfg.source == "tiny":
-        from quantlab.models.tiny import build_tiny_llama
+        from quantlab.models.tiny import build_tiny_llama, byte_tokenizer
 
-        model, tok = build_tiny_llama(dtype=dtype if dtype != "auto" else torch.float32, **cfg.tiny)
+        if extra:
+            model, tok = _tiny_through_loader(cfg, dtype, device_map, extra), byte_tokenizer()
+        else:
+            model, tok = build_tiny_llama(dtype=dtype if dtype != "auto" else torch.float32, **cfg.tiny)
     elif cfg.source == "smollm2_gguf":
         from quantlab.models.smollm2 import ensure_smollm2
 
         folder = ensure_smollm2(cache_dir())
-        model, tok = _from_folder(folder, cfg, dtype, device_map)
+        model, tok = _from_folder(folder, cfg, dtype, device_map, **extra)
         origin["path"] = str(folder)
     else:
-        model, tok = _from_hub(cfg, dtype, device_map)
+        model, tok = _from_hub(cfg, dtype, device_map, **extra)
     if device_map is None:
         model = model.to(device)
     model.eval()
@@ -137,7 +165,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         **origin,
         "arch": type(model).__name__,
         "n_params": sum(p.numel() for p in model.parameters()),
-        "device": str(device) if device_map is None else f"device_map={device_map}",
+        "device": str(device) if device_map is None or not cfg.device_map else f"device_map={device_map}",
         "load_s": round(time.perf_counter() - t0, 3),
         "commit_hash": getattr(model.config, "_commit_hash", None),
     }

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Generic, TypeVar
 
+import torch
 from torch import nn
 
 from quantlab.errors import ConfigError
@@ -107,11 +108,21 @@ class Quantizer(ABC, Generic[C]):
     is_identity: ClassVar[bool] = False
     #: format kinds this method can quantize to (``QuantFormat.kind``)
     supported_kinds: ClassVar[tuple[str, ...]] = ("int",)
+    #: True when the loader applies the method (``from_pretrained(quantization_config=...)``):
+    #: the harness calls :meth:`prepare` and passes :meth:`load_config` to the loader
+    quantizes_at_load: ClassVar[bool] = False
 
     def __init__(self, config: C) -> None:
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config: C = config
+
+    def prepare(self, device: torch.device, model_dtype: torch.dtype) -> None:
+        """Load-time methods: fail before loading when the method cannot run on ``device``."""
+
+    def load_config(self, model_dtype: torch.dtype) -> Any:
+        """Load-time methods: the ``quantization_config`` passed to ``from_pretrained``."""
+        return None
 
     def needs_calibration(self) -> bool:
         """True when this run must build calibration data (not when re-applying saved artifacts)."""
