@@ -141,6 +141,7 @@ def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) 
         out.provenance[key] = {**res.provenance.get(key, {}), "evaluator": ev.kind, "eval_wall_s": round(wall_s, 3)}
     for name, rows in res.tables.items():
         out.tables[name] = rows
+    out.images.update({k: str(v) for k, v in res.images.items()})
 
 
 def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> RunOutcome:
@@ -182,6 +183,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     ctx = RunContext(
         device=loaded.device, seed=spec.seed, output_dir=output_dir, tokenizer=tok, calib=calib,
         keep_reference_weights=wants_fp, run_fingerprint=run_fingerprint(spec, calib),
+        method_label=quantizer.label(spec.model.dtype),
     )
 
     for ev in spec.evals:  # a missing eval dataset must not surface only after a long quantization
@@ -191,7 +193,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     result = quantizer.quantize(model, calib, ctx)
     out.quant_time_s = round(time.perf_counter() - t0, 3)
     model = result.model
-    out.quant_summary = dict(result.summary)
+    out.quant_summary = {**result.summary, "method_label": ctx.method_label}
     if quantizer.format is not None:
         out.format = {**quantizer.format.to_dict(), "short_name": quantizer.format.short_name()}
         out.bits_per_weight = weighted_bits_per_weight(quantizer, model, result.quantized_layers)

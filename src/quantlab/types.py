@@ -72,6 +72,7 @@ class RunContext:
         run_fingerprint: hash of what determines the quantized model (model, method, calibration,
             seed, quantlab source); evaluators that cache expensive work (generations) key it on
             this. ``None`` outside the harness: nothing is reused across runs then.
+        method_label: the method as tables and plots name it (e.g. ``rtn w4g64a``, ``bnb.nf4-dq``).
     """
 
     device: torch.device
@@ -82,6 +83,7 @@ class RunContext:
     fp_weights: dict[str, torch.Tensor] | None = None
     keep_reference_weights: bool = False
     run_fingerprint: str | None = None
+    method_label: str | None = None
 
 
 @dataclass
@@ -118,8 +120,10 @@ class EvalResult:
         metrics: ``name -> value``; names are namespaced, e.g. ``ppl/local_stdlib``.
         provenance: ``metric name -> facts`` (protocol, seqlen, stride, dataset, n_tokens, ...).
         tables: named row lists (e.g. per-layer diagnostics), saved as CSV/JSON in the run dir.
+        images: named image files the evaluator wrote below ``ctx.output_dir`` (plots; logged to W&B).
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    images: dict[str, Path] = field(default_factory=dict)

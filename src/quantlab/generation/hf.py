@@ -244,7 +244,8 @@ def hf_generate(
         texts = tokenizer.batch_decode([r.tokens for r in rows], skip_special_tokens=True)
         stop = requests[row.request].stop
         results[row.request] = [
-            Completion(text=truncate_at_stop(t, stop), n_tokens=len(r.tokens), finish_reason=r.reason)
+            Completion(text=truncate_at_stop(t, stop), n_tokens=len(r.tokens), finish_reason=r.reason,
+                       token_ids=tuple(r.tokens))
             for r, t in zip(rows, texts)
         ]
         stats.generated_tokens += sum(len(r.tokens) for r in rows)

@@ -26,11 +26,18 @@ class Completion:
         n_tokens: tokens generated for it (up to and including the token that completed a stop
             sequence or EOS); the throughput numerator.
         finish_reason: ``stop`` (a stop sequence appeared), ``eos`` or ``length`` (budget used up).
+        token_ids: the generated token ids (``n_tokens`` of them, before any stop-sequence cut);
+            lets a caller cut a long completion to a shorter budget exactly (sampling sweeps).
     """
 
     text: str
     n_tokens: int
     finish_reason: str
+    token_ids: tuple[int, ...] = field(default=(), compare=False, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready fields without the token ids (what the code-eval store keeps)."""
+        return {"text": self.text, "n_tokens": self.n_tokens, "finish_reason": self.finish_reason}
 
 
 @dataclass

@@ -83,7 +83,8 @@ def vllm_generate(
                     reason = "stop" if c.finish_reason == "stop" and c.stop_reason is not None else (
                         "eos" if c.finish_reason == "stop" else "length"
                     )
-                    comps.append(Completion(text=c.text, n_tokens=len(c.token_ids), finish_reason=reason))
+                    comps.append(Completion(text=c.text, n_tokens=len(c.token_ids), finish_reason=reason,
+                                           token_ids=tuple(c.token_ids)))
                     stats.generated_tokens += len(c.token_ids)
                 results[i] = comps
             stats.batches += 1

@@ -117,6 +117,14 @@ class Quantizer(ABC, Generic[C]):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config: C = config
 
+    def label(self, model_dtype: str) -> str:
+        """How tables and plots name this method: ``fp32`` (the baseline, by model dtype) or
+        ``<name> <format>`` (``rtn w4g64a``, ``rtn nf4g64dq``)."""
+        if self.is_identity:
+            return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(model_dtype, f"fp ({model_dtype})")
+        fmt = self.format
+        return f"{self.name} {fmt.short_name()}" if fmt is not None else self.name
+
     def prepare(self, device: torch.device, model_dtype: torch.dtype) -> None:
         """Load-time methods: fail before loading when the method cannot run on ``device``."""
 

@@ -138,6 +138,10 @@ class BnbQuantizer(Quantizer[BnbConfig]):
     #: the harness passes :meth:`load_config` to the model loader instead of quantizing after loading
     quantizes_at_load = True
 
+    def label(self, model_dtype: str) -> str:
+        """The paper's column names: ``bnb.nf4``, ``bnb.nf4-dq``, ``bnb.fp4``, ``bnb.fp4-dq``, ``bnb.int8``."""
+        return f"bnb.{self.config.mode}"
+
     def compute_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         cd = self.config.compute_dtype
         return model_dtype if cd is None else resolve_dtype(cd, key="quantizer.compute_dtype")

@@ -20,6 +20,7 @@ from typing import Any
 from quantlab.errors import DataError
 from quantlab.generation import Completion
 from quantlab.utils.hashing import fingerprint
+from quantlab.utils.jsonl import append_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,6 @@ OUTCOMES = "outcomes.jsonl"
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    if not path.exists():
-        return rows
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d: ignoring an unreadable line (interrupted write?)", path, lineno)
-    return rows
 
 
 class SampleStore:
@@ -79,7 +64,7 @@ class SampleStore:
     def load_completions(self) -> dict[str, tuple[str, list[Completion]]]:
         """``task_id -> (request key, completions)`` of every prompt that finished generating."""
         out: dict[str, tuple[str, list[Completion]]] = {}
-        for row in _read_jsonl(self.dir / COMPLETIONS):
+        for row in read_jsonl(self.dir / COMPLETIONS):
             try:
                 out[row["task_id"]] = (row["request"], [Completion(**c) for c in row["completions"]])
             except (KeyError, TypeError):
@@ -88,15 +73,10 @@ class SampleStore:
 
     def append_completions(self, rows: list[tuple[str, str, list[Completion]]]) -> None:
         """Append ``(task_id, request key, completions)`` rows."""
-        with (self.dir / COMPLETIONS).open("a", encoding="utf-8") as f:
-            for task_id, request, comps in rows:
-                f.write(json.dumps({
-                    "task_id": task_id,
-                    "request": request,
-                    "completions": [c.__dict__ for c in comps],
-                }) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.dir / COMPLETIONS, (
+            {"task_id": task_id, "request": request, "completions": [c.record() for c in comps]}
+            for task_id, request, comps in rows
+        ))
 
     # outcomes -------------------------------------------------------------------------------------
     @staticmethod
@@ -104,21 +84,17 @@ class SampleStore:
         return f"{task_id}#{sample}#{text_hash(completion)}#{exec_key[:16]}"
 
     def load_outcomes(self) -> dict[str, dict[str, Any]]:
-        return {row["key"]: row for row in _read_jsonl(self.dir / OUTCOMES) if "key" in row}
+        return {row["key"]: row for row in read_jsonl(self.dir / OUTCOMES) if "key" in row}
 
     def append_outcomes(self, rows: list[dict[str, Any]]) -> None:
-        with (self.dir / OUTCOMES).open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.dir / OUTCOMES, rows)
 
     def export(self, dest: Path, completions: dict[str, list[Completion]], outcomes: list[dict[str, Any]]) -> None:
         """Write this run's final completions and outcomes (only the current ones) to ``dest``."""
         dest.mkdir(parents=True, exist_ok=True)
         with (dest / COMPLETIONS).open("w", encoding="utf-8") as f:
             for task_id, comps in completions.items():
-                f.write(json.dumps({"task_id": task_id, "completions": [c.__dict__ for c in comps]}) + "\n")
+                f.write(json.dumps({"task_id": task_id, "completions": [c.record() for c in comps]}) + "\n")
         with (dest / OUTCOMES).open("w", encoding="utf-8") as f:
             for row in outcomes:
                 f.write(json.dumps(row) + "\n")

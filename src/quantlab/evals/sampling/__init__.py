@@ -1,0 +1,1 @@
+"""Sampling-hyperparameter sweeps (Roy 2023): prompts, grid, evaluator, analysis."""
