@@ -73,7 +73,10 @@ def test_loaded_4bit_weights_equal_the_reference_codebook(kind, dq):
     from bitsandbytes import functional as F
 
     ref, _ = build_tiny_llama()
-    _, loaded = _load(BnbConfig(format=_fmt(kind, dq)))
+    q, loaded = _load(BnbConfig(format=_fmt(kind, dq)))
+    q.quantize(loaded.model, None, None)
+    with torch.no_grad():  # a forward must not change the stored format (no CPU repack by default)
+        loaded.model(torch.tensor([[1, 2, 3]]))
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         mod = loaded.model.get_submodule(name)
         got = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float()
@@ -84,6 +87,24 @@ def test_loaded_4bit_weights_equal_the_reference_codebook(kind, dq):
             assert (got - want).abs().max() <= 0.005 * w.abs().max()
         else:
             assert torch.equal(got, want), name
+
+
+@pytest.mark.skipif(bnb is None or not bnb.nn.Linear4bit(8, 8).support_avx512bf16_for_cpu,
+                    reason="the CPU has no AVX512-BF16: bitsandbytes never repacks here")
+def test_opt_in_cpu_kernel_repacks_and_is_reported():
+    """bitsandbytes' AVX512-BF16 kernel repacks at the first forward (bf16 absmax, double quantization
+    undone); quantlab reports it and refuses to call the result the stored weights."""
+    from quantlab.nn.swap import dense_weight
+
+    q, loaded = _load(BnbConfig(format=_fmt("nf4", dq=True), cpu_bf16_kernel=True))
+    res = q.quantize(loaded.model, None, None)
+    assert res.summary["cpu_bf16_repack"] is True
+    with torch.no_grad():
+        loaded.model(torch.tensor([[1, 2, 3]]))
+    mod = loaded.model.model.layers[0].self_attn.q_proj
+    assert mod.weight.quant_state.absmax.dtype == torch.bfloat16 and not mod.weight.quant_state.nested
+    with pytest.raises(ValueError, match="cpu_bf16_kernel=false"):
+        dense_weight(mod)
 
 
 def test_int8_weights_are_rowwise_absmax_int8():
@@ -163,7 +184,14 @@ def test_missing_bitsandbytes_is_a_config_error(monkeypatch):
         BnbQuantizer(BnbConfig()).prepare(torch.device("cpu"), torch.float32)
 
 
-def test_layer_diagnostics_are_refused_for_load_time_quantization(tmp_path):
-    spec = build_spec(compose(["+exp=demo_tiny", "quantizer=bnb_nf4", "eval=[layer_error]"]))
-    with pytest.raises(ConfigError, match=r"^eval: .*layer_error"):
-        execute(spec, tmp_path)
+def test_layer_diagnostics_compare_bnb_layers_with_a_separate_fp_load(tmp_path):
+    """layer_error on bnb_nf4 (fp reference from a second, unquantized load; bnb weights dequantized)
+    equals layer_error on nf4_ref, the bit-exact fake quantization of the same codebook."""
+    errs = {}
+    for q in ("bnb_nf4", "nf4_ref"):
+        spec = build_spec(compose(["+exp=demo_tiny", f"quantizer={q}", "eval=[layer_error]"]))
+        out = execute(spec, tmp_path / q)
+        errs[q] = {r["layer"]: r["rel_weight_error"] for r in out.tables["layer_diagnostics"]}
+    assert len(errs["bnb_nf4"]) == 14 and errs["bnb_nf4"].keys() == errs["nf4_ref"].keys()
+    for name, e in errs["nf4_ref"].items():
+        assert errs["bnb_nf4"][name] == pytest.approx(e, rel=1e-6), name

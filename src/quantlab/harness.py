@@ -21,6 +21,7 @@ from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
 from quantlab.metrics.footprint import GB, model_footprint, packed_estimate
 from quantlab.models.loaders import LoadedModel, ModelConfig, load_model
+from quantlab.nn.swap import iter_linears
 from quantlab.quantizers.artifacts import ARTIFACTS_FILE, save_artifacts
 from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer
 from quantlab.tracking.env import peak_memory, reset_peak_cuda
@@ -155,11 +156,12 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     quantizer = build_quantizer(spec.quantizer)
     out.quantizer_name = quantizer.name
     load_config = None
+    fp_weights: dict[str, torch.Tensor] | None = None
     if quantizer.quantizes_at_load:  # bitsandbytes: transformers quantizes while loading
-        if any(e.requires_fp_weights for e in spec.evals):
-            bad = [e.name for e in spec.evals if e.requires_fp_weights]
-            raise ConfigError("eval", f"{bad} compare against full-precision weights, which {quantizer.name} "
-                              "never holds (it quantizes while loading); drop them from eval")
+        if any(e.requires_fp_weights for e in spec.evals):  # layer diagnostics: one fp load for the reference
+            fp_model = load_model(spec.model).model
+            fp_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in iter_linears(fp_model, ("*",), ())}
+            del fp_model
         dtype = resolve_dtype(spec.model.dtype)
         dtype = torch.float32 if dtype == "auto" else dtype
         quantizer.prepare(resolve_device(spec.model.device), dtype)
@@ -179,7 +181,8 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         calib = build_calib(spec.calib, tok, vocab_size=getattr(model.config, "vocab_size", None))
         out.calib = calib.describe()
     wants_fp = quantizes and any(e.requires_fp_weights for e in spec.evals)
-    fp_weights = _snapshot_weights(quantizer, model) if wants_fp else None
+    if wants_fp and fp_weights is None:
+        fp_weights = _snapshot_weights(quantizer, model)
     ctx = RunContext(
         device=loaded.device, seed=spec.seed, output_dir=output_dir, tokenizer=tok, calib=calib,
         keep_reference_weights=wants_fp, run_fingerprint=run_fingerprint(spec, calib),
@@ -212,11 +215,14 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         ref = result.reference_weights if result.reference_weights is not None else fp_weights
         ctx.fp_weights = {k: v for k, v in ref.items() if k in set(result.quantized_layers)}
         del fp_weights
+    footprint = RunOutcome()  # measured before any forward (bitsandbytes may repack at the first one)
+    _record_footprint(footprint, quantizer, model, result.quantized_layers)
     for ev in spec.evals:
         t1 = time.perf_counter()
         res = ev.run(model, tok, ctx)
         _merge_eval(out, ev, res, time.perf_counter() - t1)
-    _record_footprint(out, quantizer, model, result.quantized_layers)  # after the evals: theirs come first
+    out.metrics.update(footprint.metrics)  # after the evals' metrics: the first metric stays an eval's
+    out.provenance.update(footprint.provenance)
     note = out.model_info.get("note")
     if note:  # e.g. the demo model's "fp" weights are dequantized Q4_1: say so next to every number
         for prov in out.provenance.values():

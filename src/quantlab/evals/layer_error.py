@@ -39,6 +39,7 @@ from torch import nn
 
 from quantlab.errors import ConfigError, QuantlabError
 from quantlab.evals.base import Evaluator, register_evaluator
+from quantlab.nn.swap import dense_weight
 from quantlab.types import EvalResult, RunContext
 from quantlab.utils.checks import is_int
 from quantlab.utils.torch_utils import model_device
@@ -218,7 +219,7 @@ class LayerErrorEval(Evaluator):
                     "layer": name,
                     "out_features": int(w_fp.shape[0]),
                     "in_features": int(w_fp.shape[1]),
-                    "rel_weight_error": relative_weight_error(w_fp, mod.weight),
+                    "rel_weight_error": relative_weight_error(w_fp, dense_weight(mod)),
                     "output_sqnr_db": acc.sqnr_db,
                     "output_mse": acc.mse,
                 }
@@ -262,7 +263,7 @@ class LayerErrorEval(Evaluator):
             raise ValueError(f"fp_weights names modules that are not in the model: {missing}")
         layers = [(name, model.get_submodule(name)) for name in sorted(fp_weights, key=order.__getitem__)]
         for name, mod in layers:
-            w = getattr(mod, "weight", None)
+            w = dense_weight(mod) if isinstance(getattr(mod, "weight", None), torch.Tensor) else None
             want = tuple(fp_weights[name].shape)
             if not isinstance(w, torch.Tensor) or tuple(w.shape) != want:
                 got = None if not isinstance(w, torch.Tensor) else tuple(w.shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 
@@ -32,3 +33,21 @@ def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def dense_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight a Linear actually multiplies with, as a dense (out, in) tensor: ``mod.weight`` for a
+    stock or fake-quantized Linear; dequantized for bitsandbytes layers (4-bit: the codebook values
+    times their block absmax; LLM.int8: int8 codes times row absmax / 127)."""
+    qs = getattr(mod.weight, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("bitsandbytes repacked this layer for its AVX512-BF16 CPU kernel (bf16 absmax): its "
+                         "stored weights cannot be recovered exactly; run with quantizer.cpu_bf16_kernel=false")
+    if qs is not None:
+        from bitsandbytes import functional as F
+
+        return F.dequantize_4bit(mod.weight.data, qs)
+    scb = getattr(mod.weight, "SCB", None)
+    if mod.weight.dtype == torch.int8 and scb is not None:
+        return mod.weight.data.float() * (scb.float()[:, None] / 127)
+    return mod.weight

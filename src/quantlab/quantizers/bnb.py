@@ -52,6 +52,11 @@ class BnbConfig(QuantizerConfig):
         compute_dtype: dtype of the 4-bit matmuls (``bnb_4bit_compute_dtype``); ``null`` = the
             model's dtype (QLoRA's recipe uses bfloat16).
         int8_threshold: LLM.int8() outlier threshold (``llm_int8_threshold``; 6.0 as in the paper).
+        cpu_bf16_kernel: on a CPU with AVX512-BF16, let bitsandbytes (0.50) repack every 4-bit layer at
+            its first forward for its fast CPU kernel. That repack rounds the block absmax to bf16 and
+            *undoes double quantization* (the absmax is dequantized), so nf4 and nf4-dq then compute
+            with nearly the same weights. Off by default: the layers keep their stored format and the
+            forward dequantizes it as on CUDA (what the paper measured), slower on CPU.
         exclude: module names kept in full precision, passed to ``llm_int8_skip_modules`` (plain
             names or suffixes such as ``lm_head``: transformers matches names, not globs).
     """
@@ -59,6 +64,7 @@ class BnbConfig(QuantizerConfig):
     format: QuantFormat = QuantFormat(kind="nf4", bits=4, group_size=64, symmetric=True, scale_bits=32)
     compute_dtype: str | None = None
     int8_threshold: float = 6.0
+    cpu_bf16_kernel: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +87,8 @@ class BnbConfig(QuantizerConfig):
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError("quantizer.compute_dtype", f"must be one of {list(COMPUTE_DTYPES)}, "
                               f"got {self.compute_dtype!r}")
+        if not isinstance(self.cpu_bf16_kernel, bool):
+            raise ConfigError("quantizer.cpu_bf16_kernel", f"must be true or false, got {self.cpu_bf16_kernel!r}")
         if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             raise ConfigError("quantizer.int8_threshold", f"must be >= 0, got {self.int8_threshold!r}")
 
@@ -192,8 +200,15 @@ class BnbQuantizer(Quantizer[BnbConfig]):
         return [(n, m) for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
 
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
-        """Nothing left to do (the loader quantized): report what bitsandbytes produced."""
-        layers = [name for name, _ in self.target_linears(model)]
+        """Nothing left to quantize (the loader did): set the CPU kernel choice and report what
+        bitsandbytes produced."""
+        targets = self.target_linears(model)
+        repack = False
+        for _, mod in targets:
+            if hasattr(mod, "support_avx512bf16_for_cpu"):
+                mod.support_avx512bf16_for_cpu = bool(mod.support_avx512bf16_for_cpu and self.config.cpu_bf16_kernel)
+                repack = repack or (mod.support_avx512bf16_for_cpu and mod.weight.device.type == "cpu")
+        layers = [name for name, _ in targets]
         first = model.get_submodule(layers[0])
         summary: dict[str, Any] = {
             "bnb_mode": self.config.mode,
@@ -207,4 +222,5 @@ class BnbQuantizer(Quantizer[BnbConfig]):
         else:
             summary["compute_dtype"] = str(getattr(first, "compute_dtype", None)).replace("torch.", "")
             summary["blocksize"] = int(first.weight.quant_state.blocksize)
+            summary["cpu_bf16_repack"] = repack  # True: bf16 absmax, double quantization undone at runtime
         return QuantResult(model=model, quantized_layers=layers, summary=summary)

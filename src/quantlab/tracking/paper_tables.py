@@ -1,8 +1,12 @@
-"""Code-benchmark tables in the SmoothQuant+ paper's shapes, built from whatever runs are present.
+"""Tables in the papers' shapes, built from whatever runs are present.
 
-* Table 1 shape: HumanEval pass@1, one row per method (quantizer + format), one column per model.
-* Table 2 shape: BabelCode pass@1, one row per method, one column per language (Python, Java, Go,
-  C++) and their average; one table per model.
+* Table 1 shape (SmoothQuant+): HumanEval pass@1, one row per method, one column per model.
+* Table 2 shape (SmoothQuant+): BabelCode pass@1, one row per method, one column per language
+  (Python, Java, Go, C++) and their average; one table per model.
+* Table 6 shape (Roy's PTQ study): memory footprint in GB (1e9 bytes), one row per model, one column
+  per method (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8, fp16 first, then any other).
+* Table 7 shape (same study): (min, max) tokens/s of the sampling sweep's generation calls.
+* Sampling tables (same study, section 4): :mod:`quantlab.tracking.sampling_report`.
 
 Cells average the successful runs of that method and model (seeds); the cell count is in ``runs``.
 Only ``status == ok`` rows count: a failed run never fills a cell.
@@ -18,9 +22,26 @@ _T1 = re.compile(r"^(?P<ev>[^/]+)/pass@1$")
 _T2 = re.compile(r"^(?P<ev>[^/]+)/(?P<lang>python|java|go|cpp|avg)/pass@1$")
 
 
-def _method(df: pd.DataFrame) -> pd.Series:
+ROY_METHODS = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "fp16", "bf16", "fp32")
+_T7 = re.compile(r"^(?P<ev>[^/]+)/tokens_per_s_(?P<end>min|max)$")
+
+
+def method_labels(df: pd.DataFrame) -> pd.Series:
+    """The run's method label (``rtn w4g64a``, ``bnb.nf4-dq``, ``fp32``; recorded since issue 5), else
+    quantizer + format."""
     fmt = df["format"].fillna("") if "format" in df else ""
-    return (df["quantizer"].fillna("?").astype(str) + " " + fmt.astype(str)).str.strip()
+    fallback = (df["quantizer"].fillna("?").astype(str) + " " + fmt.astype(str)).str.strip()
+    if "method" not in df:
+        return fallback
+    return df["method"].where(df["method"].notna() & (df["method"].astype(str) != ""), fallback).astype(str)
+
+
+_method = method_labels
+
+
+def _roy_order(methods) -> list[str]:
+    methods = list(dict.fromkeys(methods))
+    return [m for m in ROY_METHODS if m in methods] + sorted(m for m in methods if m not in ROY_METHODS)
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
@@ -63,18 +84,54 @@ def table2(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
+def table6(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``[(title, frame)]``: model x method memory footprint (GB) of every run that recorded one."""
+    col = "memory/footprint_gb"
+    df = _ok(summary)
+    if col not in df or df[col].isna().all() or not any(_T7.match(str(c)) for c in df.columns):
+        return []  # only next to a sampling study (every run records its footprint)
+    sub = df[df[col].notna()].assign(method=lambda d: _method(d))
+    piv = sub.pivot_table(index="model", columns="method", values=col, aggfunc="mean")
+    piv = piv[_roy_order(piv.columns)].reset_index()
+    piv.columns.name = None
+    return [("Table 6 shape: memory footprint GB, 1e9 bytes (model x method)", piv)]
+
+
+def table7(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``[(title, frame)]``: per sampling eval, model x method ``(min, max)`` tokens/s over the runs."""
+    df = _ok(summary)
+    evs = sorted({m["ev"] for c in df.columns if (m := _T7.match(str(c)))})
+    out = []
+    for ev in evs:
+        lo, hi = f"{ev}/tokens_per_s_min", f"{ev}/tokens_per_s_max"
+        if lo not in df or hi not in df:
+            continue
+        sub = df[df[lo].notna()].assign(method=lambda d: _method(d))
+        if sub.empty:
+            continue
+        agg = sub.groupby(["model", "method"]).agg(lo=(lo, "min"), hi=(hi, "max")).reset_index()
+        agg["cell"] = [f"({a:.2f}, {b:.2f})" for a, b in zip(agg["lo"], agg["hi"])]
+        piv = agg.pivot(index="model", columns="method", values="cell")
+        piv = piv[_roy_order(piv.columns)].fillna("-").reset_index()
+        piv.columns.name = None
+        out.append((f"Table 7 shape: {ev} tokens/s (min, max) over generation calls (model x method)", piv))
+    return out
+
+
 def _as_text(tab: pd.DataFrame) -> pd.DataFrame:
     """Scores as 4-decimal strings (``-`` where a method has no run for that column)."""
     out = tab.copy()
     for c in out.columns:
-        if c not in ("method", "runs"):
+        if c not in ("method", "runs", "model") and pd.api.types.is_float_dtype(out[c]):
             out[c] = out[c].map(lambda v: "-" if pd.isna(v) else f"{float(v):.4f}")
     return out
 
 
 def paper_tables(summary: pd.DataFrame, as_text: bool = False) -> list[tuple[str, pd.DataFrame]]:
-    """Both table shapes (empty when no run has code metrics); ``as_text`` formats the scores."""
+    """Every table shape the runs fill (none when no run has the metrics); ``as_text`` formats numbers."""
+    from quantlab.tracking.sampling_report import sampling_tables
+
     if summary.empty or "model" not in summary:
         return []
-    tables = table1(summary) + table2(summary)
+    tables = table1(summary) + table2(summary) + table6(summary) + table7(summary) + sampling_tables(summary)
     return [(t, _as_text(tab)) for t, tab in tables] if as_text else tables

@@ -153,6 +153,7 @@ class RunRecord:
             "model": model.get("name"),
             "quantizer": (self.quantizer or {}).get("name"),
             "format": self.format_name(),
+            "method": (self.quant_summary or {}).get("method_label"),
             "bits_per_weight": self.bits_per_weight,
             "seed": self.seed,
         }

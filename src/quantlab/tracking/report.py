@@ -28,11 +28,12 @@ import yaml
 from quantlab.errors import DataError
 from quantlab.tracking.paper_tables import paper_tables
 from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record, write_text_atomic
+from quantlab.tracking.sampling_report import sampling_plots
 
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ("experiment", "model", "quantizer", "format", "bits_per_weight", "seed")
-TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note")
+TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note", "method", "output_dir")
 _TIME_COLUMNS = ("quant_time_s", "wall_s")
 _GB_COLUMNS = ("peak_rss_gb", "peak_cuda_gb")
 _STATUS_STYLE = {"failed": "red", "incomplete": "yellow"}
@@ -194,7 +195,7 @@ def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFram
     """
     for name, sub in summary.groupby(summary["experiment"].fillna(""), sort=False, dropna=False):
         empty = [c for c in metric_columns(sub) if sub[c].isna().all()]
-        quiet = [c for c in ("run_id", "model_note") if c in sub]
+        quiet = [c for c in ("run_id", "model_note", "method", "output_dir") if c in sub]
         if "seed" in sub and sub["seed"].nunique() <= 1:
             quiet.append("seed")
         notes: list[str] = []
@@ -316,7 +317,8 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> bool:
 
 
 def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None = None) -> list[Path]:
-    """Write ``report.csv`` (full flat frame), ``report.md`` (summary) and ``report.parquet`` (if pyarrow).
+    """Write ``report.csv`` (full flat frame), ``report.md`` (summary), ``report.parquet`` (if pyarrow)
+    and the sampling-study plots (PNG, one per experiment/model/axis, when runs have sweeps).
 
     Returns:
         The paths actually written.
@@ -328,6 +330,7 @@ def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None
     write_text_atomic(written[1], _markdown_report(summary_table(df, metrics)))
     if importlib.util.find_spec("pyarrow") is not None and _write_parquet(df, out_dir / "report.parquet"):
         written.append(out_dir / "report.parquet")
+    written += sampling_plots(summary_table(df, metrics), out_dir)
     return written
 
 
