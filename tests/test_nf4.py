@@ -69,6 +69,20 @@ def test_dynamic_map_equals_bitsandbytes():
 
 @needs_bnb
 @pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_values_exactly_on_a_midpoint_round_like_bitsandbytes(kind):
+    """Ties are real: SmolLM2's dequantized-Q4_1 weights put 253 of 2.1M values exactly on fp4
+    midpoints. bitsandbytes gives a tie the LOWER level; argmin |x - level| did not (fixed)."""
+    code = torch.tensor(NF4_CODE if kind == "nf4" else FP4_CODE)
+    levels = torch.sort(code).values
+    mids = (levels[:-1] + levels[1:]) / 2
+    w = torch.cat([mids, -mids, torch.tensor([1.0])])  # one block: absmax 1, every midpoint, both signs
+    w = torch.cat([w, torch.zeros(64 - w.numel())])[None, :]
+    q, st = bnbF.quantize_4bit(w, blocksize=64, quant_type=kind)
+    assert torch.equal(fake_quantize_codebook(w, kind), bnbF.dequantize_4bit(q, st))
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
 def test_double_quantization_matches_bitsandbytes_within_the_measured_tolerance(kind):
     """Same offset and second-level absmax; block-constant codes differ only where a constant lies
     within ~1e-5 of a midpoint of the 8-bit map (bitsandbytes then picks the other neighbour)."""

@@ -79,3 +79,24 @@ def test_report_cli_prints_the_tables_and_writes_the_plots(study, tmp_path, caps
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == [f"demo_tiny_tiny_llama_sampling_dup_vs_{x}.png" for x in ("max_new_tokens", "temperature", "top_k")]
     assert "Table 7 shape" in (tmp_path / "report.md").read_text()
+
+
+def test_sweep_plots_and_tables_reach_the_experiment_tracker(tmp_path, monkeypatch):
+    """What W&B receives (through the tracker interface): the three PNGs and the sweep tables."""
+    from quantlab.tracking.wandb_logger import Tracker
+
+    seen = {}
+
+    class Recording(Tracker):
+        def log_result(self, record, tables, images=None):
+            seen.update(tables=set(tables), images=dict(images or {}))
+
+    monkeypatch.setenv("QUANTLAB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr("quantlab.pipeline.make_tracker", lambda cfg: Recording())
+    grid = ["eval=[sampling]", "eval.sampling.temperatures=[1.0]", "eval.sampling.top_ks=[5]",
+            "eval.sampling.max_new_tokens=[4]"]
+    rec = run(compose(["+exp=demo_tiny", "quantizer=bnb_fp4", *grid]), tmp_path / "run")
+    assert rec.status == "ok"
+    assert set(seen["images"]) == {f"sampling_dup_vs_{x}" for x in ("temperature", "max_new_tokens", "top_k")}
+    assert all((tmp_path / "run" / f"{k}.png").is_file() for k in seen["images"])
+    assert {"sampling_cells", "sampling_calls", "sampling_by_temperature"} <= seen["tables"]

@@ -134,6 +134,24 @@ def _record_footprint(out: RunOutcome, quantizer: Quantizer, model: nn.Module, l
         }
 
 
+def _load(spec: RunSpec, quantizer: Quantizer) -> tuple[LoadedModel, dict[str, torch.Tensor] | None]:
+    """The model, loaded through the quantizer when it quantizes at load time (bitsandbytes), after
+    checking that it can run on the device. Then, if an evaluator compares against full-precision
+    weights, those come from a separate unquantized load first (one model's Linear weights, on CPU)."""
+    if not quantizer.quantizes_at_load:
+        return load_model(spec.model), None
+    fp_weights = None
+    if any(e.requires_fp_weights for e in spec.evals):
+        fp_model = load_model(spec.model).model
+        fp_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in iter_linears(fp_model, ("*",), ())}
+        del fp_model
+    dtype = resolve_dtype(spec.model.dtype)
+    dtype = torch.float32 if dtype == "auto" else dtype
+    quantizer.prepare(resolve_device(spec.model.device), dtype)
+    seed_everything(spec.seed)
+    return load_model(spec.model, quantization_config=quantizer.load_config(dtype)), fp_weights
+
+
 def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) -> None:
     for key, value in res.metrics.items():
         if key in out.metrics:
@@ -155,19 +173,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     seed_everything(spec.seed)
     quantizer = build_quantizer(spec.quantizer)
     out.quantizer_name = quantizer.name
-    load_config = None
-    fp_weights: dict[str, torch.Tensor] | None = None
-    if quantizer.quantizes_at_load:  # bitsandbytes: transformers quantizes while loading
-        if any(e.requires_fp_weights for e in spec.evals):  # layer diagnostics: one fp load for the reference
-            fp_model = load_model(spec.model).model
-            fp_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in iter_linears(fp_model, ("*",), ())}
-            del fp_model
-        dtype = resolve_dtype(spec.model.dtype)
-        dtype = torch.float32 if dtype == "auto" else dtype
-        quantizer.prepare(resolve_device(spec.model.device), dtype)
-        seed_everything(spec.seed)
-        load_config = quantizer.load_config(dtype)
-    loaded: LoadedModel = load_model(spec.model, quantization_config=load_config)
+    loaded, fp_weights = _load(spec, quantizer)
     model, tok = loaded.model, loaded.tokenizer
     out.model_info = loaded.info
     quantizer.validate(model)

@@ -93,6 +93,7 @@ def sampling_plots(summary: pd.DataFrame, out_dir: Path) -> list[Path]:
         for by in PLOTS:
             stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{exp}_{model}_{ev}_dup_vs_{by}")
             path = Path(out_dir) / f"{stem}.png"
-            plot_duplicates(combine_cells(frames, by), by, path, title=f"{model}: duplicate content words vs {by}")
+            axis = "max returned tokens" if by == "max_new_tokens" else by
+            plot_duplicates(combine_cells(frames, by), by, path, title=f"{model}: duplicate content words vs {axis}")
             paths.append(path)
     return paths

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 #: x axes of the paper's three figures (max_new_tokens is drawn at its mean max returned tokens)
 PLOTS = ("temperature", "max_new_tokens", "top_k")
+_AXIS = {"max_new_tokens": "max returned tokens"}
 _XLABEL = {
     "temperature": "temperature",
     "max_new_tokens": "max returned tokens (max_new_tokens + prompt tokens, mean over prompts)",
@@ -83,7 +84,7 @@ def plot_duplicates(df: pd.DataFrame, by: str, path: Path, title: str | None = N
         ax.set_xscale("log")
     ax.set_xlabel(_XLABEL.get(by, by))
     ax.set_ylabel("duplicate content words per generation (mean)")
-    ax.set_title(title or f"duplicate content words vs {by}")
+    ax.set_title(title or f"duplicate content words vs {_AXIS.get(by, by)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
