@@ -76,10 +76,12 @@ def plot_duplicates(df: pd.DataFrame, by: str, path: Path, title: str | None = N
             dup_words_mean=("duplicates", "mean"), max_returned_tokens_mean=("max_returned_tokens", "mean"),
         ).reset_index()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for method, part in df.groupby("method", sort=True):
+    for i, (method, part) in enumerate(df.groupby("method", sort=True)):
         part = part.sort_values(by)
         x = part["max_returned_tokens_mean"] if by == "max_new_tokens" else part[by]
-        ax.plot(x, part["dup_words_mean"], marker="o", label=str(method))
+        # marker and dash vary too, so identical curves (e.g. bnb.nf4 and its reference) stay visible
+        ax.plot(x, part["dup_words_mean"], marker="osD^v<>ph*"[i % 10], linestyle=("-", "--", ":", "-.")[i % 4],
+                markersize=7 - (i % 4), label=str(method))
     if by == "top_k":
         ax.set_xscale("log")
     ax.set_xlabel(_XLABEL.get(by, by))
