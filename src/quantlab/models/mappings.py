@@ -58,6 +58,8 @@ class ArchMapping:
         final_norm: the norm after the last block.
         lm_head: the output projection.
         groups: scaling groups inside one block.
+        kv: the Linears whose outputs are the attention keys and values (relative names), before
+            RoPE: where LLM-QAT quantizes the KV cache (per token, all heads jointly).
         sequential: GPTQ true-sequential order inside a block (each inner tuple shares one input
             and is quantized together, later subsets see earlier ones quantized).
     """
@@ -68,6 +70,7 @@ class ArchMapping:
     lm_head: str
     groups: tuple[ScaleGroup, ...]
     sequential: tuple[tuple[str, ...], ...]
+    kv: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -112,6 +115,7 @@ LLAMA = ArchMapping(
         ("mlp.up_proj", "mlp.gate_proj"),
         ("mlp.down_proj",),
     ),
+    kv=("self_attn.k_proj", "self_attn.v_proj"),
 )
 
 # HF architecture name (config.architectures[0] / class name) -> mapping.
@@ -152,6 +156,8 @@ def _check(model: nn.Module, mapping: ArchMapping, arch: str) -> None:
         for g in mapping.groups:
             for rel in (g.prev, *g.linears, g.inspect):
                 block.get_submodule(rel)
+        for rel in mapping.kv:
+            block.get_submodule(rel)
         for path in (*mapping.pre_blocks, mapping.final_norm, mapping.lm_head):
             model.get_submodule(path)
     except (AttributeError, IndexError) as exc:
