@@ -231,7 +231,8 @@ def hf_generate(
     Returns:
         ``completions[i]`` = the ``cfg.n`` completions of ``requests[i]``.
     """
-    encoded = [tokenizer(r.prompt, add_special_tokens=r.add_special_tokens)["input_ids"] for r in requests]
+    encoded = [list(r.prompt_ids) if r.prompt_ids is not None
+               else tokenizer(r.prompt, add_special_tokens=r.add_special_tokens)["input_ids"] for r in requests]
     eos_ids, _ = special_ids(model, tokenizer)
     results: list[list[Completion]] = [[] for _ in requests]
     finished: dict[int, list[_Row]] = {}
@@ -264,7 +265,7 @@ def hf_generate(
                     gen = None
                     if cfg.do_sample:
                         gen = torch.Generator(device=model_device(model))
-                        gen.manual_seed(sample_seed(cfg.seed, requests[i].prompt, s))
+                        gen.manual_seed(sample_seed(cfg.seed, requests[i].key, s))
                     queue.append(_Row(i, s, encoded[i], gen))
             stream = _Stream(model, tokenizer, requests[group[0]].stop, cfg, eos_ids, row_done)
             stream.run(queue, slots=cfg.batch_size)

@@ -15,6 +15,14 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     #: ``False`` when the prompt already carries its special tokens (a rendered chat template)
     add_special_tokens: bool = True
+    #: token ids to start from instead of tokenizing ``prompt``, which then only labels the request
+    #: (data-free QAT data starts from one id; the label keeps equal starts apart when seeding)
+    prompt_ids: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity of the request for seeding: the prompt text, plus the token ids when given as ids."""
+        return self.prompt if self.prompt_ids is None else f"{self.prompt}|ids:" + ",".join(map(str, self.prompt_ids))
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,9 @@ def vllm_generate(
                 stop=list(stop),
                 seed=cfg.seed,
             )
-            outs = llm.generate([requests[i].prompt for i in idx], params)
+            prompts = [{"prompt_token_ids": list(requests[i].prompt_ids)} if requests[i].prompt_ids is not None
+                       else requests[i].prompt for i in idx]
+            outs = llm.generate(prompts, params)
             for i, o in zip(idx, outs):
                 comps = []
                 for c in o.outputs:
