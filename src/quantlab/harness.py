@@ -114,9 +114,10 @@ def _snapshot_weights(quantizer: Quantizer, model: nn.Module) -> dict[str, torch
     return {name: mod.weight.detach().to("cpu", copy=True) for name, mod in quantizer.target_linears(model)}
 
 
-def _record_footprint(out: RunOutcome, quantizer: Quantizer, model: nn.Module, layers: list[str]) -> None:
+def _footprint_metrics(quantizer: Quantizer, model: nn.Module, layers: list[str]) -> EvalResult:
     """``memory/footprint_gb`` (what the model holds, bitsandbytes states included; Table 6) and, for
     fake-quantized runs whose weights stay floating point, ``memory/packed_est_gb``."""
+    out = EvalResult()
     fp = model_footprint(model)
     out.metrics["memory/footprint_gb"] = fp.total / GB
     out.provenance["memory/footprint_gb"] = {
@@ -132,6 +133,7 @@ def _record_footprint(out: RunOutcome, quantizer: Quantizer, model: nn.Module, l
                         "everything else as held; the run itself holds fake-quantized fp weights",
             "format": fmt.short_name(),
         }
+    return out
 
 
 def _load(spec: RunSpec, quantizer: Quantizer) -> tuple[LoadedModel, dict[str, torch.Tensor] | None]:
@@ -221,8 +223,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         ref = result.reference_weights if result.reference_weights is not None else fp_weights
         ctx.fp_weights = {k: v for k, v in ref.items() if k in set(result.quantized_layers)}
         del fp_weights
-    footprint = RunOutcome()  # measured before any forward (bitsandbytes may repack at the first one)
-    _record_footprint(footprint, quantizer, model, result.quantized_layers)
+    footprint = _footprint_metrics(quantizer, model, result.quantized_layers)  # before any forward (bnb may repack)
     for ev in spec.evals:
         t1 = time.perf_counter()
         res = ev.run(model, tok, ctx)

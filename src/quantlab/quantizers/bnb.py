@@ -21,7 +21,6 @@ run stops with a :class:`ConfigError` naming ``quantizer`` and the bitsandbytes 
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -181,8 +180,7 @@ class BnbQuantizer(Quantizer[BnbConfig]):
         for name, mod in model.named_modules():
             if not isinstance(mod, nn.Linear):
                 continue
-            excluded = any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p)
-                           for p in self.config.exclude)
+            excluded = any(name == p or name.endswith("." + p) for p in self.config.exclude)  # no globs here
             is_bnb = isinstance(mod, bnb_types)
             if is_bnb:
                 (wrong if excluded else converted).append(name)
