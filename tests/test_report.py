@@ -87,7 +87,7 @@ def test_summary_columns_and_none_first(results_tree):
     assert len(df) == 4
     summary = summary_table(df)
     assert list(summary.columns) == [
-        "experiment", "model", "quantizer", "format", "bits_per_weight", "seed",
+        "experiment", "model", "quantizer", "format", "wakv", "bits_per_weight", "seed",
         "err/sqnr_db", "ppl/local_stdlib", "quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note",
         "method", "output_dir"]
     # tiny-llama rows (none first, then awq, gptq), then the incomplete tiny_llama row
@@ -96,7 +96,7 @@ def test_summary_columns_and_none_first(results_tree):
     assert list(summary["format"].fillna("<NA>")) == ["fp", "w4g128a", "w4g128a", "<NA>"]
     assert summary.loc[0, "ppl/local_stdlib"] == 11.0 and summary.loc[1, "ppl/local_stdlib"] == 12.345678
     assert pd.isna(summary.loc[2, "ppl/local_stdlib"]) and pd.isna(summary.loc[3, "ppl/local_stdlib"])
-    assert list(summary_table(df, ["ppl"]).columns)[6:7] == ["ppl/local_stdlib"]  # prefix selection
+    assert list(summary_table(df, ["ppl"]).columns)[7:8] == ["ppl/local_stdlib"]  # prefix selection
     with pytest.raises(ValueError, match="unknown metric"):
         summary_table(df, ["acc/arc_easy"])
 

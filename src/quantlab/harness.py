@@ -201,7 +201,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         ev.preflight()
     reset_peak_cuda()
     t0 = time.perf_counter()
-    result = quantizer.quantize(model, calib, ctx)
+    result = quantizer.apply(model, calib, ctx)
     out.quant_time_s = round(time.perf_counter() - t0, 3)
     model = result.model
     out.quant_summary = {**result.summary, "method_label": ctx.method_label}

@@ -17,9 +17,14 @@ both are available and the choice is recorded:
 * ``ste_clip=None``: the plain straight-through estimator (gradient passed unchanged). ``ste_clip=2.0``:
   the code's backward, which zeroes the gradient where ``|X_R| >= 2`` (a fixed bound, not the
   quantizer range).
+
+The clipping variants of the paper's ablation (Table 4) are options: ``w_quant="statsq"`` (weights
+clipped at a statistic of each output channel, :func:`statsq_fake_quant`) and ``a_quant="lsq"``
+(Linear inputs clipped at a learned step size, :func:`lsq_fake_quant`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +34,8 @@ from torch import nn
 from quantlab.formats.wakv import FULL
 
 ARITHS = ("paper", "code")
+W_QUANTS = ("minmax", "statsq")
+A_QUANTS = ("minmax", "lsq")
 _EPS = 1e-6  # the reference code's epsilon
 
 
@@ -81,6 +88,44 @@ def ste_fake_quant(x: torch.Tensor, bits: int, dim: int = -1, arith: str = "pape
     return _STE.apply(x, bits, dim, arith, ste_clip)
 
 
+def statsq_fake_quant(w: torch.Tensor, bits: int, k: float = 2.0) -> torch.Tensor:
+    """Statistics-based clipping of weights (the "StatsQ" arm of Table 4), per output channel::
+
+        c = k * mean|W_row|,    alpha = c / (2^(N-1) - 1),    W_Q = alpha * round(clip(W, -c, c) / alpha)
+
+    The paper cites StatsQ (Liu et al. 2022a) without restating its multi-bit rule, and the public
+    code has only its 2-bit form (``s = 2 mean|W|`` per row); quantlab uses that statistic as the
+    clipping threshold at every bit width, with the multiplier ``k`` configurable. Gradient: straight
+    through inside ``[-c, c]``, zero outside (``c`` is a statistic, not trained)."""
+    if bits >= FULL:
+        return w
+    qmax = 2 ** (bits - 1) - 1
+    dt = torch.promote_types(w.dtype, torch.float32)
+    wf = w.to(dt)
+    c = (k * wf.detach().abs().mean(dim=-1, keepdim=True)).clamp_min(1e-8)
+    wc = torch.maximum(torch.minimum(wf, c), -c)
+    alpha = c / qmax
+    q = torch.round(wc / alpha) * alpha
+    return (wc + (q - wc).detach()).to(w.dtype)
+
+
+def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Learned step size quantization (Esser et al. 2019, "LSQ"), the activation arm of Table 4::
+
+        x_Q = s * round(clip(x / s, -2^(N-1), 2^(N-1) - 1))
+
+    with one trained step ``s`` per Linear input; ``round`` has a straight-through gradient and the
+    gradient of ``s`` is scaled by ``g = 1 / sqrt(n_features * (2^(N-1) - 1))`` (LSQ section 2.2)."""
+    if bits >= FULL:
+        return x
+    qp, qn = 2 ** (bits - 1) - 1, 2 ** (bits - 1)
+    g = 1.0 / math.sqrt(x.shape[-1] * qp)
+    s = step * g + (step - step * g).detach()  # value: step; gradient: g * dL/ds
+    v = torch.clamp(x.float() / s, -qn, qp)
+    v = v + (torch.round(v) - v).detach()
+    return (v * s).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class QATSpec:
     """Bits and quantizer choices of one QAT Linear.
@@ -91,6 +136,9 @@ class QATSpec:
         out_bits: output bits (per token), used for k_proj / v_proj = the KV cache; 16 = off.
         arith: ``paper`` (Eq. 3) or ``code`` (the reference implementation's epsilons).
         ste_clip: ``None`` (plain STE) or the reference code's fixed gradient bound (2.0).
+        w_quant: ``minmax`` (Eq. 3, the paper's choice) or ``statsq`` (clipped at ``statsq_k * mean|W|``).
+        a_quant: ``minmax`` (Eq. 3) or ``lsq`` (learned step size; needs training to mean anything).
+        statsq_k: the StatsQ clipping multiplier.
     """
 
     w_bits: int = FULL
@@ -98,11 +146,26 @@ class QATSpec:
     out_bits: int = FULL
     arith: str = "paper"
     ste_clip: float | None = None
+    w_quant: str = "minmax"
+    a_quant: str = "minmax"
+    statsq_k: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.arith not in ARITHS:
+            raise ValueError(f"arith must be one of {ARITHS}, got {self.arith!r}")
+        if self.w_quant not in W_QUANTS:
+            raise ValueError(f"w_quant must be one of {W_QUANTS}, got {self.w_quant!r}")
+        if self.a_quant not in A_QUANTS:
+            raise ValueError(f"a_quant must be one of {A_QUANTS}, got {self.a_quant!r}")
 
 
 class QATLinear(nn.Linear):
     """An ``nn.Linear`` (same weight/bias Parameters) computing ``Q_out(Q_a(x) @ Q_w(W)^T + b)``, each
-    Q a per-channel / per-token symmetric MinMax fake quantizer with a straight-through gradient."""
+    Q a per-channel / per-token symmetric MinMax fake quantizer with a straight-through gradient (or a
+    clipping variant of Table 4, per :class:`QATSpec`).
+
+    With ``a_quant="lsq"`` the layer owns a scalar Parameter ``act_step``, set on the first forward to
+    LSQ's initialisation ``2 mean|x| / sqrt(2^(N-1) - 1)`` (``act_step_ready`` records that it was)."""
 
     spec: QATSpec
 
@@ -111,35 +174,85 @@ class QATLinear(nn.Linear):
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
                   dtype=linear.weight.dtype)
         new.weight, new.bias, new.spec = linear.weight, linear.bias, spec
+        if spec.a_quant == "lsq" and spec.a_bits < FULL:
+            dev = linear.weight.device
+            new.act_step = nn.Parameter(torch.ones((), device=dev, dtype=torch.float32))
+            new.register_buffer("act_step_ready", torch.zeros((), dtype=torch.bool, device=dev))
         new.train(linear.training)
         return new
 
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if s.a_quant == "lsq" and s.a_bits < FULL:
+            if not bool(self.act_step_ready):
+                with torch.no_grad():
+                    self.act_step.fill_(2 * x.detach().abs().float().mean() / math.sqrt(2 ** (s.a_bits - 1) - 1))
+                    self.act_step_ready.fill_(True)
+            return lsq_fake_quant(x, self.act_step, s.a_bits)
+        return ste_fake_quant(x, s.a_bits, -1, s.arith, s.ste_clip)
+
+    def _quant_weight(self) -> torch.Tensor:
+        s = self.spec
+        if s.w_quant == "statsq":
+            return statsq_fake_quant(self.weight, s.w_bits, s.statsq_k)
+        return ste_fake_quant(self.weight, s.w_bits, -1, s.arith, s.ste_clip)  # per output channel (row)
+
+    @torch.no_grad()
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the layer multiplies with (W-bit fake-quantized), detached."""
+        return self._quant_weight().detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        w = ste_fake_quant(self.weight, s.w_bits, -1, s.arith, s.ste_clip)  # per output channel (row)
-        y = F.linear(ste_fake_quant(x, s.a_bits, -1, s.arith, s.ste_clip), w, self.bias)
+        y = F.linear(self._quant_input(x), self._quant_weight(), self.bias)
         return ste_fake_quant(y, s.out_bits, -1, s.arith, s.ste_clip)  # per token, all heads jointly
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"{super().extra_repr()}, w{s.w_bits} a{s.a_bits} out{s.out_bits}, {s.arith}, ste_clip={s.ste_clip}"
+        return (f"{super().extra_repr()}, w{s.w_bits} ({s.w_quant}) a{s.a_bits} ({s.a_quant}) out{s.out_bits}, "
+                f"{s.arith}, ste_clip={s.ste_clip}")
+
+
+def kv_linear_names(model: nn.Module) -> set[str]:
+    """Full names of the k_proj / v_proj Linears of every block (from the architecture mapping)."""
+    from quantlab.models.mappings import get_mapping
+
+    mapping = get_mapping(model)
+    return {f"{mapping.block_name(i)}.{r}" for i in range(len(mapping.blocks(model))) for r in mapping.kv}
+
+
+def swap_wakv(model: nn.Module, targets: list[str], kv_names: set[str], w_bits: int, a_bits: int, kv_bits: int,
+              **spec: object) -> list[str]:
+    """Swap Linears for :class:`QATLinear` sharing their parameters: every name in ``targets`` gets
+    weights at ``w_bits`` and inputs at ``a_bits``; every name in ``kv_names`` (k_proj / v_proj, targets
+    or not: the KV cache is quantized wherever its weights are) gets outputs at ``kv_bits``. ``spec``:
+    further :class:`QATSpec` fields. Returns the swapped names, sorted. The model stays a stock HF
+    model (``isinstance(m, nn.Linear)`` holds).
+
+    PTQ methods pass ``w_bits=16``: their weights are already on their grid, only activations and the
+    KV cache are added."""
+    from quantlab.nn.swap import replace_module
+
+    tset = set(targets)
+    done = []
+    for name in sorted(tset | (set(kv_names) if kv_bits < FULL else set())):
+        mod = model.get_submodule(name)
+        if not _is_plain_hf_linear(mod):
+            raise TypeError(f"{name} is a {type(mod).__name__}, not a plain nn.Linear (already swapped?)")
+        q = QATSpec(w_bits if name in tset else FULL, a_bits if name in tset else FULL,
+                    kv_bits if name in kv_names else FULL, **spec)
+        replace_module(model, name, QATLinear.from_linear(mod, q))
+        done.append(name)
+    return done
+
+
+def _is_plain_hf_linear(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass that adds no forward of its own (none of quantlab's swapped layers)."""
+    return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
 
 
 def swap_qat(model: nn.Module, names: list[str], kv_names: set[str], w_bits: int, a_bits: int, kv_bits: int,
              arith: str = "paper", ste_clip: float | None = None) -> list[str]:
-    """Replace each named Linear by a :class:`QATLinear` sharing its parameters: weights at ``w_bits``,
-    inputs at ``a_bits``, and for the names in ``kv_names`` (k_proj / v_proj) outputs at ``kv_bits``.
-    Returns the swapped names. The model stays a stock HF model (``isinstance(m, nn.Linear)`` holds)."""
-    from quantlab.nn.swap import replace_module
-
-    if arith not in ARITHS:
-        raise ValueError(f"arith must be one of {ARITHS}, got {arith!r}")
-    done = []
-    for name in names:
-        mod = model.get_submodule(name)
-        if not isinstance(mod, nn.Linear) or isinstance(mod, QATLinear):
-            raise TypeError(f"{name} is a {type(mod).__name__}, not a plain nn.Linear")
-        spec = QATSpec(w_bits, a_bits, kv_bits if name in kv_names else FULL, arith, ste_clip)
-        replace_module(model, name, QATLinear.from_linear(mod, spec))
-        done.append(name)
-    return done
+    """:func:`swap_wakv` over ``names`` whose k/v members are in ``kv_names`` (the QAT student)."""
+    return swap_wakv(model, names, set(kv_names) & set(names), w_bits, a_bits, kv_bits, arith=arith,
+                     ste_clip=ste_clip)

@@ -37,8 +37,12 @@ def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
 
 def dense_weight(mod: nn.Module) -> torch.Tensor:
     """The weight a Linear actually multiplies with, as a dense (out, in) tensor: ``mod.weight`` for a
-    stock or fake-quantized Linear; dequantized for bitsandbytes layers (4-bit: the codebook values
-    times their block absmax; LLM.int8: int8 codes times row absmax / 127)."""
+    stock or fake-quantized Linear; the weight fake quantizer's output for a QAT Linear (whose
+    ``weight`` is the latent full-precision Parameter); dequantized for bitsandbytes layers (4-bit: the
+    codebook values times their block absmax; LLM.int8: int8 codes times row absmax / 127)."""
+    quant_weight = getattr(mod, "quantized_weight", None)
+    if quant_weight is not None:
+        return quant_weight()
     qs = getattr(mod.weight, "quant_state", None)
     if qs is not None and getattr(qs, "packing_format_for_cpu", False):
         raise ValueError("bitsandbytes repacked this layer for its AVX512-BF16 CPU kernel (bf16 absmax): its "

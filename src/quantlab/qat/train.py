@@ -13,6 +13,7 @@ exact trajectory.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from quantlab.utils.checks import is_int
 log = logging.getLogger(__name__)
 
 LOSSES = ("soft_ce", "kl")
+PRECISIONS = ("fp32", "bf16")
 CHECKPOINT = "qat_checkpoint.pt"
 
 
@@ -47,6 +49,9 @@ class TrainConfig:
         loss: ``soft_ce`` (the paper's Eq. 4) or ``kl`` (the code); same gradient.
         seed: batch order.
         checkpoint_every: steps between checkpoints (0 = only at the end).
+        precision: ``fp32`` or ``bf16`` (forward passes under bf16 autocast, as the reference's
+            ``--bf16``; parameters and optimiser states stay in the dtype the model was loaded in, so
+            load it in float32 for fp32 master weights).
     """
 
     steps: int = 100
@@ -59,6 +64,7 @@ class TrainConfig:
     loss: str = "soft_ce"
     seed: int = 0
     checkpoint_every: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         k = "quantizer.train"
@@ -72,6 +78,8 @@ class TrainConfig:
                 raise ConfigError(f"{k}.{name}", f"must be an integer >= 0, got {v!r}")
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             raise ConfigError(f"{k}.lr", f"must be > 0, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{k}.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"{k}.loss", f"must be one of {LOSSES}, got {self.loss!r}")
 
@@ -142,15 +150,19 @@ def train_qat(student: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: T
         log.info("QAT: resumed from %s at step %d", ckpt, start)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     bar = tqdm(total=cfg.steps, initial=start, desc="QAT", unit="step", leave=False)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
     try:
         for step in range(start, end):
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(cfg.grad_accum):
                 ids = data[_batch_rows(step, micro, len(data), cfg)].to(device)
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=ids).logits
-                loss = distill_loss(student(input_ids=ids).logits, t_logits, cfg.loss) / cfg.grad_accum
+                with autocast:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=ids).logits
+                    s_logits = student(input_ids=ids).logits
+                loss = distill_loss(s_logits, t_logits, cfg.loss) / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
             lr = opt.param_groups[0]["lr"]

@@ -10,6 +10,8 @@ Adding a method touches three files: ``quantizers/<name>.py``, ``conf/quantizer/
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Generic, TypeVar
@@ -19,11 +21,15 @@ from torch import nn
 
 from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
+from quantlab.formats.wakv import FULL, WAKV
 from quantlab.models.mappings import ArchMapping, get_mapping
+from quantlab.nn.qat import kv_linear_names, swap_wakv
 from quantlab.nn.swap import iter_linears
 from quantlab.registry import Registry
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
+
+log = logging.getLogger(__name__)
 
 QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
 
@@ -48,10 +54,16 @@ class QuantizerConfig:
         include: glob patterns on module names selecting Linears to quantize (default: all).
         exclude: glob patterns removed from the selection (default: ``lm_head``, kept in full
             precision as in GPTQ, AWQ and the SmoothQuant+ vLLM fork).
+        wakv: LLM-QAT's ``W-A-KV`` bits (``4-8-4``; 16 = full precision), or None. For a PTQ method the
+            method quantizes the weights to W bits (W replaces ``format.bits``), then every selected
+            Linear's input is fake-quantized per token to A bits and every k_proj / v_proj output (the
+            KV cache) per token to KV bits, with LLM-QAT's symmetric MinMax (Eq. 3): the PTQ rows of the
+            LLM-QAT tables. ``quantizer=none`` takes ``16-A-KV``.
     """
 
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ("lm_head",)
+    wakv: str | None = None
 
     def __post_init__(self) -> None:
         # Hydra passes lists; store tuples so configs stay hashable and immutable.
@@ -60,6 +72,14 @@ class QuantizerConfig:
         fmt = getattr(self, "format", None)
         if isinstance(fmt, dict):
             object.__setattr__(self, "format", QuantFormat(**fmt))
+        if self.wakv is not None:
+            setting = WAKV.parse(self.wakv)
+            object.__setattr__(self, "wakv", str(setting))
+            fmt = getattr(self, "format", None)
+            if isinstance(fmt, QuantFormat) and setting.quantizes_weights and fmt.bits != setting.w_bits:
+                if fmt.is_codebook:
+                    raise ConfigError("quantizer.wakv", f"W={setting.w_bits} bits, but the format is the 4-bit {fmt.kind} codebook")
+                object.__setattr__(self, "format", dataclasses.replace(fmt, bits=setting.w_bits))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,6 +131,9 @@ class Quantizer(ABC, Generic[C]):
     #: True when the loader applies the method (``from_pretrained(quantization_config=...)``):
     #: the harness calls :meth:`prepare` and passes :meth:`load_config` to the loader
     quantizes_at_load: ClassVar[bool] = False
+    #: True when :meth:`quantize` applies ``config.wakv`` itself (LLM-QAT); otherwise :meth:`apply`
+    #: adds the activation and KV fake quantization after the method
+    applies_wakv: ClassVar[bool] = False
 
     def __init__(self, config: C) -> None:
         if not isinstance(config, self.config_cls):
@@ -123,7 +146,17 @@ class Quantizer(ABC, Generic[C]):
         if self.is_identity:
             return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(model_dtype, f"fp ({model_dtype})")
         fmt = self.format
-        return f"{self.name} {fmt.short_name()}" if fmt is not None else self.name
+        text = f"{self.name} {fmt.short_name()}" if fmt is not None else self.name
+        return f"{text} {self.config.wakv}" if self.config.wakv else text
+
+    def wakv_setting(self) -> WAKV:
+        """The run's W-A-KV bits: ``config.wakv`` when set, else what the method does (weights at the
+        format's bits, activations at ``act_bits`` for SmoothQuant, no KV quantization)."""
+        if self.config.wakv:
+            return WAKV.parse(self.config.wakv)
+        fmt = self.format
+        act = getattr(self.config, "act_bits", None)
+        return WAKV(fmt.bits if fmt is not None else FULL, act if act is not None else FULL, FULL)
 
     def prepare(self, device: torch.device, model_dtype: torch.dtype) -> None:
         """Load-time methods: fail before loading when the method cannot run on ``device``."""
@@ -163,6 +196,35 @@ class Quantizer(ABC, Generic[C]):
                 )
             for name, mod in targets:
                 fmt.check_layer(name, mod.in_features)
+        if self.config.wakv:
+            self._validate_wakv(model)
+
+    def _validate_wakv(self, model: nn.Module) -> None:
+        setting = WAKV.parse(self.config.wakv)
+        if self.quantizes_at_load:
+            raise ConfigError("quantizer.wakv", f"{self.name} layers are not nn.Linear; W-A-KV fake quantization "
+                                                "applies to fake-quantized methods (rtn, gptq, awq, smoothquant, ...)")
+        if self.is_identity and setting.quantizes_weights:
+            raise ConfigError("quantizer.wakv", f"quantizer=none keeps weights in full precision: W must be 16, got {setting}")
+        if not self.is_identity and not setting.quantizes_weights and not self.applies_wakv:
+            raise ConfigError("quantizer.wakv", f"W=16 leaves weights unquantized: use quantizer=none with wakv={setting}")
+        if setting.quantizes_kv:
+            kv_linear_names(model)  # an architecture without a KV mapping fails here, before any work
+
+    def apply(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
+        """:meth:`quantize`, then ``config.wakv``'s activation and KV-cache fake quantization (PTQ rows of
+        the LLM-QAT tables) unless the method applies it itself. The result's summary gets ``wakv``."""
+        names = [n for n, _ in self.target_linears(model)]
+        result = self.quantize(model, calib, ctx)
+        setting = self.wakv_setting()
+        if self.config.wakv and not self.applies_wakv:
+            kv = kv_linear_names(result.model) if setting.quantizes_kv else set()
+            swapped = swap_wakv(result.model, names, kv, FULL, setting.a_bits, setting.kv_bits)
+            result.summary["wakv_swapped"] = len(swapped)
+            log.info("W-A-KV %s: activations at %d bits, KV cache at %d bits on %d Linears", setting,
+                     setting.a_bits, setting.kv_bits, len(swapped))
+        result.summary["wakv"] = str(setting)
+        return result
 
     @abstractmethod
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:

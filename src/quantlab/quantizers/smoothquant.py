@@ -73,6 +73,9 @@ class SmoothQuantConfig(CalibratedConfig):
         alpha: migration strength (reference default 0.5; its README uses 0.85 for Llama-2/3, Mistral).
         act_bits: activation bits (8).
         act_granularity: ``per_token`` (dynamic, the reference's Llama setting) or ``per_tensor`` (dynamic).
+
+    With ``wakv`` (the LLM-QAT tables' SmoothQuant rows) W replaces ``format.bits`` and the W-A-KV
+    activation quantizer (per token, Eq. 3) replaces ``act_bits`` / ``act_granularity``.
     """
 
     format: QuantFormat = field(default_factory=_w8_per_channel)
@@ -199,15 +202,19 @@ class SmoothQuantQuantizer(BlockwiseQuantizer[SmoothQuantConfig]):
             scales_fn = stats_scales(stats, alpha)
         scales, ref_w = smooth_and_quantize(model, mapping, groups_fn, targets, cfg.format, ctx.device, scales_fn,
                                             keep_reference=ctx.keep_reference_weights)
-        swap_act_quant(model, targets, cfg.act_bits, cfg.act_granularity)
+        if cfg.wakv:  # W-A-KV rows: the shared LLM-QAT activation / KV fake quantization follows (Quantizer.apply)
+            act_bits, act_gran = self.wakv_setting().a_bits, "per_token (W-A-KV, Eq. 3 MinMax)"
+        else:
+            swap_act_quant(model, targets, cfg.act_bits, cfg.act_granularity)
+            act_bits, act_gran = cfg.act_bits, cfg.act_granularity
         # re-applied runs return the same tensors, so their run directory can be re-applied in turn
         arts = {**scales, "smoothquant.alpha": torch.tensor(alpha, dtype=torch.float64)}
         summary.update({
             "alpha": alpha, "n_layers": len(targets), "weight_format": cfg.format.short_name(),
-            "act_bits": cfg.act_bits, "act_granularity": cfg.act_granularity,
+            "act_bits": act_bits, "act_granularity": act_gran,
             "smoothed_groups": [g.key for g in groups_fn(mapping.blocks(model)[0])],
         })
         log.info("smoothquant: alpha %.2f, W%dA%d (%s activations), %d Linears", alpha, cfg.format.bits,
-                 cfg.act_bits, cfg.act_granularity, len(targets))
+                 act_bits, act_gran, len(targets))
         return QuantResult(model=model, quantized_layers=targets, artifacts=arts, summary=summary,
                            reference_weights=ref_w)

@@ -7,6 +7,7 @@
   per method (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8, fp16 first, then any other).
 * Table 7 shape (same study): (min, max) tokens/s of the sampling sweep's generation calls.
 * Sampling tables (same study, section 4): :mod:`quantlab.tracking.sampling_report`.
+* LLM-QAT Tables 1-2 shapes (zero-shot, perplexity by W-A-KV): :mod:`quantlab.tracking.llmqat_tables`.
 
 Cells average the successful runs of that method and model (seeds); the cell count is in ``runs``.
 Only ``status == ok`` rows count: a failed run never fills a cell.
@@ -129,9 +130,11 @@ def _as_text(tab: pd.DataFrame) -> pd.DataFrame:
 
 def paper_tables(summary: pd.DataFrame, as_text: bool = False) -> list[tuple[str, pd.DataFrame]]:
     """Every table shape the runs fill (none when no run has the metrics); ``as_text`` formats numbers."""
+    from quantlab.tracking.llmqat_tables import llmqat_table1, llmqat_table2
     from quantlab.tracking.sampling_report import sampling_tables
 
     if summary.empty or "model" not in summary:
         return []
-    tables = table1(summary) + table2(summary) + table6(summary) + table7(summary) + sampling_tables(summary)
+    tables = (table1(summary) + table2(summary) + table6(summary) + table7(summary) + sampling_tables(summary)
+              + llmqat_table1(summary) + llmqat_table2(summary))
     return [(t, _as_text(tab)) for t, tab in tables] if as_text else tables

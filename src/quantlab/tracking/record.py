@@ -154,6 +154,7 @@ class RunRecord:
             "quantizer": (self.quantizer or {}).get("name"),
             "format": self.format_name(),
             "method": (self.quant_summary or {}).get("method_label"),
+            "wakv": (self.quant_summary or {}).get("wakv"),
             "bits_per_weight": self.bits_per_weight,
             "seed": self.seed,
         }

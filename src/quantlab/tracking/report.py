@@ -32,7 +32,7 @@ from quantlab.tracking.sampling_report import sampling_plots
 
 logger = logging.getLogger(__name__)
 
-ID_COLUMNS = ("experiment", "model", "quantizer", "format", "bits_per_weight", "seed")
+ID_COLUMNS = ("experiment", "model", "quantizer", "format", "wakv", "bits_per_weight", "seed")
 TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note", "method", "output_dir")
 _TIME_COLUMNS = ("quant_time_s", "wall_s")
 _GB_COLUMNS = ("peak_rss_gb", "peak_cuda_gb")
@@ -151,7 +151,7 @@ def summary_table(df: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.
         return out.reset_index(drop=True)
     order = out.assign(_not_none=out["quantizer"] != "none")
     order = order.sort_values(
-        ["experiment", "model", "_not_none", "quantizer", "format", "seed", "run_id"],
+        ["experiment", "model", "_not_none", "quantizer", "format", "wakv", "seed", "run_id"],
         na_position="last",
         kind="stable",
     )
@@ -198,11 +198,18 @@ def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFram
         quiet = [c for c in ("run_id", "model_note", "method", "output_dir") if c in sub]
         if "seed" in sub and sub["seed"].nunique() <= 1:
             quiet.append("seed")
+        if "wakv" in sub and not sub["wakv"].dropna().astype(str).map(_quantizes_act_or_kv).any():
+            quiet.append("wakv")  # weight-only runs: the format column says it all
         notes: list[str] = []
         if "model_note" in sub:
             pairs = sub[["model", "model_note"]].dropna().drop_duplicates()
             notes = [f"{m}: {n}" for m, n in pairs.itertuples(index=False, name=None)]
         yield str(name), sub.drop(columns=["experiment", *empty, *quiet]), notes
+
+
+def _quantizes_act_or_kv(wakv: str) -> bool:
+    """``4-8-4`` -> True, ``4-16-16`` -> False (W-A-KV of a weight-only run)."""
+    return any(part != "16" for part in wakv.split("-")[1:])
 
 
 def _caption(rows: pd.DataFrame) -> str | None:
