@@ -7,7 +7,16 @@ import torch
 from quantlab.errors import ConfigError
 from quantlab.formats.wakv import PAPER_SETTINGS, WAKV
 from quantlab.models.mappings import get_mapping
-from quantlab.nn.qat import QATLinear, QATSpec, ste_fake_quant, swap_qat, sym_minmax_fake_quant
+from quantlab.nn.qat import (
+    QATLinear,
+    QATSpec,
+    kv_linear_names,
+    statsq_fake_quant,
+    ste_fake_quant,
+    swap_qat,
+    swap_wakv,
+    sym_minmax_fake_quant,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +74,7 @@ def test_swap_on_the_tiny_model_quantizes_kv_outputs_and_trains(tiny):
     model, _ = tiny
     mapping = get_mapping(model)
     names = sorted(mapping.block_linears(model))
-    kv = {f"{mapping.block_name(i)}.{r}" for i in range(len(mapping.blocks(model))) for r in mapping.kv}
+    kv = kv_linear_names(model)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         ref = model(ids).logits
@@ -78,3 +87,51 @@ def test_swap_on_the_tiny_model_quantizes_kv_outputs_and_trains(tiny):
     out.float().pow(2).mean().backward()
     grads = [model.get_submodule(n).weight.grad for n in names]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_statsq_clips_weights_at_k_mean_abs_and_blocks_their_gradient():
+    torch.manual_seed(0)
+    w = (torch.randn(6, 64) * torch.linspace(0.5, 3, 64)).requires_grad_()
+    q = statsq_fake_quant(w, 4, k=2.0)
+    c = 2.0 * w.detach().abs().mean(-1, keepdim=True)
+    assert (q.detach().abs() <= c * (1 + 1e-6)).all()  # clipped at the statistic
+    levels = q.detach() / (c / 7)
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)  # on the 15-level grid
+    q.sum().backward()
+    assert torch.equal(w.grad, (w.detach().abs() <= c).float())  # straight through inside, zero outside
+    assert (w.grad == 0).any() and (w.grad == 1).any()
+
+
+def test_lsq_step_is_initialised_from_the_data_and_learns():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    q = QATLinear.from_linear(lin, QATSpec(w_bits=4, a_bits=4, a_quant="lsq"))
+    x = torch.randn(3, 5, 16)
+    assert not bool(q.act_step_ready)
+    y = q(x)
+    want = 2 * x.abs().mean() / 7 ** 0.5  # LSQ's init 2 <|x|> / sqrt(Q_P)
+    torch.testing.assert_close(q.act_step.detach(), want)
+    assert bool(q.act_step_ready) and "act_step" in dict(q.named_parameters())
+    y.pow(2).sum().backward()
+    assert q.act_step.grad is not None and torch.isfinite(q.act_step.grad) and q.act_step.grad != 0
+    # the forward is the LSQ grid: x / s clipped to [-8, 7] and rounded
+    s = q.act_step.detach()
+    xq = torch.clamp(x / s, -8, 7).round() * s
+    ref = torch.nn.functional.linear(xq, sym_minmax_fake_quant(lin.weight.detach(), 4), lin.bias.detach())
+    torch.testing.assert_close(y.detach(), ref, rtol=0, atol=1e-5)
+
+
+def test_swap_wakv_for_ptq_adds_activation_and_kv_quant_only(tiny):
+    model, _ = tiny
+    names = sorted(get_mapping(model).block_linears(model))
+    kv = kv_linear_names(model)
+    w_before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    done = swap_wakv(model, [n for n in names if "k_proj" not in n], kv, 16, 8, 4)
+    assert done == names  # excluded k_proj still gets its KV quantization
+    k = model.get_submodule("model.layers.0.self_attn.k_proj")
+    assert (k.spec.w_bits, k.spec.a_bits, k.spec.out_bits) == (16, 16, 4)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert (q.spec.w_bits, q.spec.a_bits, q.spec.out_bits) == (16, 8, 16)
+    assert all(torch.equal(model.get_submodule(n).quantized_weight(), w_before[n]) for n in names)
+    with pytest.raises(TypeError, match="already swapped"):
+        swap_wakv(model, names, kv, 16, 8, 4)

@@ -9,7 +9,7 @@ import torch
 from quantlab.errors import ConfigError
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
-from quantlab.nn.qat import swap_qat
+from quantlab.nn.qat import kv_linear_names, swap_qat
 from quantlab.qat.train import TrainConfig, blocks_from_sequences, cosine_lr, distill_loss, train_qat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,8 +19,7 @@ def _student_teacher(wakv=(4, 8, 4)):
     teacher, _ = build_tiny_llama()
     student = copy.deepcopy(teacher)
     m = get_mapping(student)
-    kv = {f"{m.block_name(i)}.{r}" for i in range(len(m.blocks(student))) for r in m.kv}
-    swap_qat(student, sorted(m.block_linears(student)), kv, *wakv)
+    swap_qat(student, sorted(m.block_linears(student)), kv_linear_names(student), *wakv)
     return student, teacher
 
 

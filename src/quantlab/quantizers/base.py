@@ -202,8 +202,7 @@ class Quantizer(ABC, Generic[C]):
     def _validate_wakv(self, model: nn.Module) -> None:
         setting = WAKV.parse(self.config.wakv)
         if self.quantizes_at_load:
-            raise ConfigError("quantizer.wakv", f"{self.name} layers are not nn.Linear; W-A-KV fake quantization "
-                                                "applies to fake-quantized methods (rtn, gptq, awq, smoothquant, ...)")
+            raise ConfigError("quantizer.wakv", f"{self.name} layers are not nn.Linear: no W-A-KV fake quantization")
         if self.is_identity and setting.quantizes_weights:
             raise ConfigError("quantizer.wakv", f"quantizer=none keeps weights in full precision: W must be 16, got {setting}")
         if not self.is_identity and not setting.quantizes_weights and not self.applies_wakv:

@@ -66,6 +66,9 @@ class BnbConfig(QuantizerConfig):
     cpu_bf16_kernel: bool = False
 
     def __post_init__(self) -> None:
+        if self.wakv is not None:
+            raise ConfigError("quantizer.wakv", "bitsandbytes layers are not nn.Linear; W-A-KV fake quantization "
+                                                "applies to fake-quantized methods (rtn, gptq, awq, smoothquant, ...)")
         super().__post_init__()
         fmt = self.format
         if list(self.include) != ["*"]:
