@@ -8,6 +8,8 @@ import pytest
 from conftest import CONF, run_cli
 
 QUANTIZERS = sorted(p.stem for p in (CONF / "quantizer").glob("*.yaml"))
+#: LLM-QAT budget variants (llm_qat_cpu, llm_qat_paper): run with a shrunken budget in their own test
+QAT_BUDGETS = [q for q in QUANTIZERS if q.startswith("llm_qat_")]
 
 
 def _records(root: Path) -> list[dict]:
@@ -48,13 +50,31 @@ def test_multirun_writes_one_record_per_job(tmp_path):
 
 def test_every_quantizer_runs_end_to_end(tmp_path):
     """One multirun over every conf/quantizer/*.yaml on the tiny model (new methods are covered automatically)."""
-    proc = run_cli(["-m", "+exp=demo_tiny", f"quantizer={','.join(QUANTIZERS)}"], tmp_path)
+    names = [q for q in QUANTIZERS if q not in QAT_BUDGETS]
+    proc = run_cli(["-m", "+exp=demo_tiny", f"quantizer={','.join(names)}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = _records(tmp_path / "results")
-    assert sorted(r["quantizer"]["choices"]["quantizer"] for r in recs) == QUANTIZERS
+    assert sorted(r["quantizer"]["choices"]["quantizer"] for r in recs) == names
     for r in recs:
         assert r["status"] == "ok", r["error"]
         assert r["metrics"]["ppl/local_stdlib"] > 1 and r["quant_time_s"] is not None
+
+
+def test_qat_budget_presets_run_with_a_shrunken_budget(tmp_path):
+    """The paper's budget (96k x 2048 tokens) cannot run here: same YAMLs, budget overridden to a few steps."""
+    shrink = ["quantizer.data.n_sequences=6", "quantizer.data.max_length=24", "quantizer.train.steps=2",
+              "quantizer.train.seq_len=16", "quantizer.train.grad_accum=1", "quantizer.wakv=4-8-8"]
+    for name in QAT_BUDGETS:  # one run each: Hydra checks a multirun's overrides against the default quantizer
+        proc = run_cli(["+exp=demo_tiny", f"quantizer={name}", "hydra.mode=RUN", *shrink], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _records(tmp_path / "results")
+    assert sorted(r["quantizer"]["choices"]["quantizer"] for r in recs) == QAT_BUDGETS
+    for r in recs:
+        assert r["status"] == "ok", r["error"]
+        assert r["quant_summary"]["wakv"] == "4-8-8" and r["quant_summary"]["steps_done"] == 2
+        assert r["quant_summary"]["method_label"] == "llm_qat w4pcs 4-8-8"
+    precision = {r["quantizer"]["choices"]["quantizer"]: r["quantizer"]["config"]["train"]["precision"] for r in recs}
+    assert precision == {"llm_qat_cpu": "fp32", "llm_qat_paper": "bf16"}  # bf16 autocast runs on CPU too
 
 
 def test_hub_model_offline_is_one_clear_line(tmp_path):

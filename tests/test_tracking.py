@@ -310,7 +310,8 @@ def test_wandb_tracker_offline_writes_summary_table_and_exit_code(tmp_path):
     tracker.start(run_id=rec_ok.run_id, experiment="w4_methods", quantizer="rtn",
                   config={"seed": 1, "quantizer": {"format": {"bits": 4}}}, output_dir=tmp_path / "unused",
                   tags=["smoke"])
-    tracker.log_result(rec_ok, {"layer_error": [{"layer": "l0", "mse": 0.1}, {"layer": "l1", "mse": None}]})
+    tracker.log_result(rec_ok, {"layer_error": [{"layer": "l0", "mse": 0.1}, {"layer": "l1", "mse": None}],
+                                "qat_loss_curve": [{"step": 1, "loss": 2.5, "lr": 1e-4}, {"step": 2, "loss": 2.0, "lr": 0.0}]})
     tracker.finish(ok=True)
     tracker.finish(ok=True)  # idempotent
     rec_bad = make_record(run_id="20260101-120001-bbbbbb", status="failed", metrics={})
@@ -339,7 +340,14 @@ def test_wandb_tracker_offline_writes_summary_table_and_exit_code(tmp_path):
     assert summary["ppl/local_stdlib"] == 12.345678
     assert summary["format"] == "w4g128a" and summary["run_id"] == rec_ok.run_id
     assert summary["table/layer_error/_type"] == "table-file"
-    (table_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{rec_ok.run_id}/files/media/table/**/*.table.json")
+    (table_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{rec_ok.run_id}/files/media/table/**/*layer_error*.table.json")
     assert json.loads(table_file.read_text()) == {"columns": ["layer", "mse"], "data": [["l0", 0.1], ["l1", None]]}
+    curve = []
+    for r in recs:
+        if r.WhichOneof("record_type") == "history":
+            item = {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in r.history.item}
+            if "qat_loss_curve/loss" in item:
+                curve.append((item["_step"], item["qat_loss_curve/loss"], item["qat_loss_curve/lr"]))
+    assert curve == [(1, 2.5, 1e-4), (2, 2.0, 0.0)]  # a line chart per step, not just the table
     exits = {rid: [r.exit.exit_code for r in rs if r.WhichOneof("record_type") == "exit"] for rid, rs in runs.items()}
     assert exits == {rec_ok.run_id: [0], rec_bad.run_id: [1]}

@@ -34,7 +34,7 @@ from torch import nn
 
 from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
-from quantlab.formats.wakv import FULL, WAKV
+from quantlab.formats.wakv import WAKV
 from quantlab.nn.qat import A_QUANTS, ARITHS, W_QUANTS, kv_linear_names, swap_wakv
 from quantlab.qat.datagen import DataGenConfig, generate_data
 from quantlab.qat.plots import plot_loss_curve
@@ -217,7 +217,6 @@ class LLMQATQuantizer(Quantizer[LLMQATConfig]):
 
     def _done(self, model: nn.Module, targets: list[str], summary: dict[str, Any], setting: WAKV) -> QuantResult:
         model.eval()
-        log.info("LLM-QAT %s: %d Linears fake-quantized (W%s A%s KV%s)", setting, len(targets),
-                 setting.w_bits, setting.a_bits, setting.kv_bits if setting.kv_bits < FULL else "16")
+        log.info("LLM-QAT %s (W-A-KV): %d Linears fake-quantized", setting, len(targets))
         quantized = targets if setting.quantizes_weights else []
         return QuantResult(model=model, quantized_layers=quantized, summary=summary)

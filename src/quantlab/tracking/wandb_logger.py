@@ -92,6 +92,10 @@ def _cell(value: Any) -> Any:
     return value
 
 
+#: a table whose name ends so (``qat_loss_curve``: rows ``{"step", "loss", "lr"}``) is also logged point by point
+CURVE_SUFFIX = "_curve"
+
+
 def _table_payload(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Columns (union of keys, first-seen order) and row-major data; missing cells are None."""
     columns: dict[str, None] = {}
@@ -150,6 +154,16 @@ class WandbTracker(Tracker):
         self.run.summary.update(record.flat())
         payload: dict[str, Any] = {k: v for k, v in record.metrics.items()
                                    if isinstance(v, (int, float)) and math.isfinite(v)}
+        last = 0
+        for name, rows in tables.items():  # *_curve tables (QAT loss) become W&B line charts, one point per step
+            if not name.endswith(CURVE_SUFFIX):
+                continue
+            for row in rows:
+                point = {f"{name}/{k}": v for k, v in row.items()
+                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+                if point and isinstance(row.get("step"), int) and row["step"] > last:
+                    last = row["step"]
+                    self.run.log(point, step=last)
         for name, rows in tables.items():
             if not rows:
                 continue
@@ -158,7 +172,7 @@ class WandbTracker(Tracker):
         for name, path in (images or {}).items():
             payload[f"plot/{name}"] = self._wandb.Image(str(path))
         if payload:
-            self.run.log(payload)
+            self.run.log(payload, **({"step": last + 1} if last else {}))
 
     def finish(self, ok: bool) -> None:
         if self.run is None:
