@@ -165,6 +165,7 @@ def test_llm_qat_clipping_variants_train(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     cfg = LLMQATConfig(**SMALL, w_quant="statsq", a_quant="lsq", wakv="4-8-16")
     res = build_quantizer(cfg).apply(model, None, _ctx(tmp_path, tok=tok))
+    assert build_quantizer(cfg).label("float32") == "llm_qat w4pcs 4-8-16 w:statsq a:lsq"
     q = model.get_submodule("model.layers.0.mlp.down_proj")
     assert q.spec.w_quant == "statsq" and q.spec.a_quant == "lsq" and bool(q.act_step_ready)
     assert res.summary["loss_last"] < res.summary["loss_first"]  # measured 5.3563 -> 5.2324

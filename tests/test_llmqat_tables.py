@@ -47,3 +47,14 @@ def test_weight_only_studies_grow_no_llmqat_table():
     assert llmqat_table1(df) == [] and llmqat_table2(df) == []
     assert not any("LLM-QAT" in t for t, _ in paper_tables(df))
     assert any("LLM-QAT Table 2" in t for t, _ in paper_tables(_frame(), as_text=True))
+
+
+def test_llm_qat_variants_get_their_own_rows():
+    df = pd.DataFrame([
+        {**_row("llm_qat", "4-8-16", **{"ppl/c4": 7.4}), "method": "llm_qat w4pcs 4-8-16"},
+        {**_row("llm_qat", "4-8-16", **{"ppl/c4": 9.4}), "method": "llm_qat w4pcs 4-8-16 a:lsq"},
+        {**_row("llm_qat", "4-8-16", **{"ppl/c4": 8.2}), "method": "llm_qat w4pcs 4-8-16 w:statsq"},
+    ])
+    (_, tab), = llmqat_table2(df)
+    assert dict(zip(tab["Method"], tab["m7b ppl/c4"])) == {
+        "LLM-QAT": 7.4, "LLM-QAT a:lsq": 9.4, "LLM-QAT w:statsq": 8.2}

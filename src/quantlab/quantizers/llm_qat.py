@@ -146,6 +146,16 @@ class LLMQATQuantizer(Quantizer[LLMQATConfig]):
 
     applies_wakv = True
 
+    def label(self, model_dtype: str) -> str:
+        """``llm_qat w4pcs 4-8-4``, plus every choice that differs from the paper's method (``w:statsq``,
+        ``a:lsq``, ``arith:code``, ``ste_clip:2``), so tables never pool different variants."""
+        c = self.config
+        extra = [f"w:statsq{'' if c.statsq_k == 2.0 else f'{c.statsq_k:g}'}" if c.w_quant == "statsq" else "",
+                 f"a:{c.a_quant}" if c.a_quant != "minmax" else "",
+                 f"arith:{c.arith}" if c.arith != "paper" else "",
+                 f"ste_clip:{c.ste_clip:g}" if c.ste_clip is not None else ""]
+        return " ".join([super().label(model_dtype), *filter(None, extra)])
+
     def validate(self, model: nn.Module) -> None:
         super().validate(model)
         kv_linear_names(model)  # the KV mapping must exist even at KV=16 (fails loudly for unknown models)

@@ -40,12 +40,19 @@ def _rows(summary: pd.DataFrame) -> pd.DataFrame:
     df = df[df["experiment"].fillna("").isin(wanted)]
     if df.empty:
         return df
-    names = [str(m) if q == "none" else METHOD_NAMES.get(q, str(q))
-             for q, m in zip(df["quantizer"], df["model"])]
+    labels = df["method"] if "method" in df else pd.Series(None, index=df.index)
+    names = [str(m) if q == "none" else " ".join([METHOD_NAMES.get(q, str(q)), *_variant(lab, w)])
+             for q, m, lab, w in zip(df["quantizer"], df["model"], labels, df["wakv"])]
     df = df.assign(**{"#Bits": df["wakv"].astype(str), "Method": names})
     fmt = df["format"].fillna("").astype(str) if "format" in df else pd.Series("", index=df.index)
     clash = df.assign(_f=fmt).groupby(["model", "#Bits", "Method"])["_f"].transform("nunique") > 1
     return df.assign(Method=df["Method"].where(~clash, df["Method"] + " " + fmt))
+
+
+def _variant(label: object, wakv: str) -> list[str]:
+    """What a method label adds after its W-A-KV (``llm_qat w4pcs 4-8-4 a:lsq`` -> ``["a:lsq"]``)."""
+    tokens = str(label).split() if isinstance(label, str) else []
+    return tokens[tokens.index(wakv) + 1:] if wakv in tokens else []
 
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:
