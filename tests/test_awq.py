@@ -16,6 +16,7 @@ from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.awq import AWQConfig, AWQQuantizer, search_sequences
 from quantlab.quantizers.rtn import RTNConfig, RTNQuantizer
+from quantlab.types import CalibData, tokens_sha256
 
 FMT = QuantFormat(bits=4, group_size=32)  # asymmetric min/max, zero point (the AWQ convention)
 VO = "self_attn.v_proj->o_proj"
@@ -246,3 +247,62 @@ def test_lm_head_cannot_be_selected():
     with pytest.raises(ConfigError) as exc:
         AWQQuantizer(AWQConfig(format=FMT, exclude=())).validate(model)
     assert exc.value.key == "quantizer.exclude"
+
+
+# ---------------------------------------------------------------- variable-length calibration data
+def _as_sequences(calib):
+    seqs = tuple(calib.tokens)
+    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
+
+
+def _varlen_calib(lengths, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    seqs = tuple(torch.randint(0, 256, (n,), generator=g) for n in lengths)
+    return CalibData(seqs, "random", len(seqs), max(lengths), seed, tokens_sha256(seqs))
+
+
+@pytest.mark.parametrize("search_tokens", [None, 128])
+def test_equal_length_sequences_match_the_tensor_path(tmp_path, search_tokens):
+    runs = []
+    for calib in (_calib(), _as_sequences(_calib())):
+        model, _ = build_tiny_llama()
+        res = AWQQuantizer(AWQConfig(format=FMT, search_tokens=search_tokens, batch_size=3)).quantize(
+            model, calib, _ctx(tmp_path))
+        runs.append((model.state_dict(), res))
+    (sd_t, res_t), (sd_l, res_l) = runs
+    assert all(torch.equal(sd_t[k], sd_l[k]) for k in sd_t)
+    assert all(torch.equal(res_t.artifacts[k], res_l.artifacts[k]) for k in res_t.artifacts)
+    assert res_t.tables == res_l.tables
+    assert res_t.summary["search_tokens"] == res_l.summary["search_tokens"] == (512 if search_tokens is None else 128)
+
+
+def test_variable_length_data_and_search_tokens(tmp_path, fp_logits):
+    lengths = [40, 17, 64, 40, 9, 33, 64, 25]
+    calib = _varlen_calib(lengths)
+    model, _ = build_tiny_llama()
+    full = AWQQuantizer(AWQConfig(format=FMT)).quantize(model, calib, _ctx(tmp_path))
+    assert full.summary["calib_tokens"] == full.summary["search_tokens"] == sum(lengths)
+    assert float((_logits(model) - fp_logits).pow(2).mean()) < 0.25  # quantizes as well as on fixed rows
+    # search_tokens picks whole sequences by position: ~120 / mean length (36.5) -> 3 of 8: 0, 2, 5
+    assert search_sequences(8, sum(lengths) / 8, 120).tolist() == [0, 2, 5]
+    part = AWQQuantizer(AWQConfig(format=FMT, search_tokens=120)).quantize(build_tiny_llama()[0], calib, _ctx(tmp_path))
+    assert part.summary["search_tokens"] == 40 + 64 + 33 and part.summary["calib_tokens"] == sum(lengths)
+    # every sequence selected == no selection
+    m_all, _ = build_tiny_llama()
+    every = AWQQuantizer(AWQConfig(format=FMT, search_tokens=10**6)).quantize(m_all, calib, _ctx(tmp_path))
+    assert every.summary["search_tokens"] == sum(lengths)
+    assert all(torch.equal(every.artifacts[k], full.artifacts[k]) for k in full.artifacts)
+
+
+def test_search_batches_select_sequences_by_calibration_index():
+    """With variable-length chunks (grouped by length), the kept rows are those whose set position is kept."""
+    from quantlab.calib.sequential import BlockData
+    from quantlab.quantizers.awq import _BlockCache
+
+    hidden = [torch.randn(2, 5, 4), torch.randn(3, 2, 4)]
+    index = [torch.tensor([1, 4]), torch.tensor([0, 2, 3])]
+    cache = _BlockCache(set(), {"m"}, set(), set(), 1, keep=torch.tensor([0, 3, 4]))
+    cache.offsets(BlockData(hidden, [{}, {}], index))
+    assert cache.n_tokens == 2 * 5 + 3 * 2
+    got = [[x for x, _ in cache._search_batches(h, {}, c)] for c, h in enumerate(hidden)]
+    assert torch.equal(torch.cat(got[0]), hidden[0][[1]]) and torch.equal(torch.cat(got[1]), hidden[1][[0, 2]])

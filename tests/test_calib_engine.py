@@ -5,7 +5,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
-from quantlab.calib.sequential import BlockContext, auto_batch_size, capture_block_inputs, run_sequential
+from quantlab.calib.sequential import (
+    DEFAULT_BATCH_TOKENS,
+    BlockContext,
+    auto_batch_size,
+    capture_block_inputs,
+    first_sequences,
+    plan_chunks,
+    run_sequential,
+)
 from quantlab.calib.stats import collect_group_absmax, group_key
 from quantlab.errors import ConfigError, DataError
 from quantlab.models.mappings import ARCH_MAPPINGS, get_mapping
@@ -212,3 +220,101 @@ def test_collect_without_early_exit_returns_the_block_outputs(tiny64):
     with torch.no_grad():
         hidden = tiny64.model(x, output_hidden_states=True).hidden_states
     assert torch.equal(got[0], hidden[1])
+
+
+# ------------------------------------------------------------------ variable-length calibration data
+def _seqs(lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g) for n in lengths]
+
+
+def test_plan_chunks_groups_equal_lengths_deterministically():
+    seqs = _seqs([5, 3, 5, 7, 3, 5])
+    plan = plan_chunks(seqs, batch_size=2)
+    # longest first, source order inside a length, at most batch_size sequences per chunk
+    assert [c.index.tolist() for c in plan] == [[3], [0, 2], [5], [1, 4]]
+    for c in plan:
+        assert torch.equal(c.tokens, torch.stack([seqs[i] for i in c.index.tolist()]))
+    assert [c.index.tolist() for c in plan_chunks(seqs, batch_size=2)] == [c.index.tolist() for c in plan]
+    # automatic size: the 16384-token budget per chunk (one sequence longer than it is a chunk of its own)
+    big = plan_chunks(_seqs([6000] * 5 + [20000]))
+    assert [c.index.tolist() for c in big] == [[5], [0, 1], [2, 3], [4]]
+    assert all(c.tokens.numel() <= DEFAULT_BATCH_TOKENS for c in big[1:])
+    assert [c.index.tolist() for c in first_sequences(plan, 3)] == [[0, 2], [1]]
+
+
+def test_plan_of_equal_length_sequences_is_the_tensor_plan():
+    x = _tokens(5, 24)
+    for bs, want in ((None, [[0, 1, 2, 3, 4]]), (2, [[0, 1], [2, 3], [4]])):
+        a, b = plan_chunks(x, bs), plan_chunks(list(x), bs)
+        assert [c.index.tolist() for c in a] == [c.index.tolist() for c in b] == want
+        assert all(torch.equal(p.tokens, q.tokens) for p, q in zip(a, b))
+    with pytest.raises(ValueError, match="sequence 1"):
+        plan_chunks([torch.arange(3), torch.arange(0)])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_variable_length_no_cross_sequence_attention(tiny64, attn):
+    """Each sequence's block inputs (blocks 0 and 1) equal those of that sequence run alone; kwargs fit each chunk."""
+    tiny64.set_attn_implementation(attn)
+    seqs = _seqs([9, 4, 9, 6, 4, 12, 9])
+    seen = {}
+
+    def fn(ctx: BlockContext) -> None:
+        seen[ctx.index] = (list(ctx.inputs.hidden), list(ctx.inputs.index), list(ctx.inputs.kwargs), ctx.inputs.n_tokens)
+
+    run_sequential(tiny64, get_mapping(tiny64), seqs, fn, device=CPU, batch_size=2)
+    for blk in (0, 1):
+        hidden, index, kwargs, n_tokens = seen[blk]
+        assert n_tokens == sum(len(s) for s in seqs)
+        assert sorted(i for ix in index for i in ix.tolist()) == list(range(len(seqs)))
+        for h, ix, kw in zip(hidden, index, kwargs):
+            assert kw["position_embeddings"][0].shape[-2] == h.shape[1]  # rotary of this chunk's length
+            mask = kw.get("attention_mask")
+            assert mask is None or tuple(mask.shape[-2:]) == (h.shape[1], h.shape[1])
+            for r, i in enumerate(ix.tolist()):
+                with torch.no_grad():
+                    alone = tiny64.model(seqs[i][None], output_hidden_states=True).hidden_states[blk][0]
+                # batched vs single matmuls differ by <= 1e-13 in float64; attention leaking across
+                # sequences would change these values at O(1)
+                assert torch.allclose(h[r], alone, rtol=0, atol=1e-10), (blk, i)
+
+
+def test_variable_length_equal_lengths_identical_to_tensor(tiny64):
+    x = _tokens(5, 24)
+    outs = {}
+    for key, toks in {"tensor": x, "list": list(x)}.items():
+        got = []
+
+        def fn(ctx: BlockContext, got=got):
+            got.append([h.clone() for h in ctx.inputs.hidden])
+
+        run_sequential(tiny64, get_mapping(tiny64), toks, fn, device=CPU, batch_size=2)
+        outs[key] = got
+    assert all(torch.equal(a, b) for la, lb in zip(outs["tensor"], outs["list"]) for a, b in zip(la, lb))
+
+
+def test_layer_error_reads_variable_length_calibration(tmp_path):
+    """The layer diagnostics run each calibration sequence unpadded and count only real tokens."""
+    from quantlab.evals.layer_error import LayerErrorEval
+    from quantlab.formats.spec import QuantFormat
+    from quantlab.quantizers.rtn import RTNConfig, RTNQuantizer
+    from quantlab.types import CalibData, RunContext, tokens_sha256
+
+    def run(tokens):
+        model, tok = build_tiny_llama(dtype=torch.float64)
+        q = RTNQuantizer(RTNConfig(format=QuantFormat(bits=3, group_size=32)))
+        fp = {n: m.weight.detach().clone() for n, m in q.target_linears(model)}
+        seqs = tokens if isinstance(tokens, torch.Tensor) else tuple(tokens)
+        lens = [seqs.shape[1]] * seqs.shape[0] if isinstance(seqs, torch.Tensor) else [len(s) for s in seqs]
+        calib = CalibData(seqs, "random", len(lens), max(lens), 0, tokens_sha256(seqs))
+        ctx = RunContext(device=CPU, seed=0, output_dir=tmp_path, calib=calib, fp_weights=fp)
+        q.quantize(model, calib, ctx)
+        return LayerErrorEval(max_samples=3, batch_size=2).run(model, tok, ctx)
+
+    x = _tokens(4, 16)
+    a, b = run(x), run(list(x))
+    assert a.tables == b.tables and a.metrics == b.metrics
+    v = run(_seqs([9, 4, 9, 6]))
+    prov = v.provenance["layer/mean_output_sqnr_db"]
+    assert prov["n_rows"] == 3 and prov["n_tokens"] == 9 + 4 + 9 and prov["seqlen"] == 9

@@ -97,6 +97,7 @@ def test_local_random_windows(tok):
 def test_humaneval_chunks_all(tok):
     cfg = CalibConfig(source="humaneval", sampling="chunks", n_samples=-1, seqlen=512)
     a = build_calib(cfg, tok)
+    assert instantiate(yaml.safe_load((CONF / "calib" / "humaneval_prompts_chunks.yaml").read_text())) == cfg
     n_avail = a.provenance["n_tokens_available"]
     assert a.tokens.shape == (n_avail // 512, 512) and a.n_samples == n_avail // 512
     assert a.provenance["separator"] == "eos" and a.provenance["n_documents"] == 164
@@ -130,6 +131,11 @@ def test_too_little_text(tok, tmp_path):
         ({"source": "random", "sampling": "sliding"}, "calib.sampling"),
         ({"source": "local"}, "calib.path"),
         ({"source": "pile", "split": "train"}, "calib.split"),
+        ({"source": "random", "sampling": "documents"}, "calib.sampling"),  # random has no documents
+        ({"source": "humaneval", "sampling": "documents", "bos": "first"}, "calib.bos"),
+        ({"source": "humaneval", "sampling": "chunks", "bos": "always"}, "calib.bos"),  # documents only
+        ({"source": "humaneval", "sampling": "documents", "n_samples": -3}, "calib.n_samples"),
+        ({"source": "humaneval", "sampling": "documents", "seqlen": 1}, "calib.seqlen"),
     ],
 )
 def test_config_validation(kwargs, key):
@@ -225,3 +231,86 @@ def test_calibration_corpus_is_disjoint_from_evaluation_corpus():
 
     assert yaml.safe_load((CONF / "calib" / "local_stdlib.yaml").read_text())["path"] == "stdlib_calib"
     assert yaml.safe_load((CONF / "eval" / "ppl_local.yaml").read_text())["ppl_local"]["path"] == "stdlib"
+
+
+# ------------------------------------------------------------------ sampling=documents (variable-length)
+def _bos_tokenizer():
+    """The byte tokenizer made to add BOS like a Llama tokenizer (add_special_tokens=True -> <s> first)."""
+    from tokenizers import processors
+
+    t = byte_tokenizer()
+    t._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", t.bos_token_id)])
+    assert t("ab")["input_ids"][0] == t.bos_token_id
+    return t
+
+
+def test_humaneval_documents_one_sequence_per_prompt(tok):
+    prompts = humaneval_prompts()
+    cfg = instantiate(yaml.safe_load((CONF / "calib" / "humaneval_prompts.yaml").read_text()))
+    assert (cfg.sampling, cfg.n_samples, cfg.bos) == ("documents", -1, "auto")
+    a = build_calib(cfg, tok)
+    assert a.is_variable and a.n_samples == len(a.tokens) == 164
+    assert all(t.dtype == torch.int64 and t.dim() == 1 for t in a.tokens)
+    # the byte tokenizer adds no special tokens: each sequence is exactly its prompt, none cut
+    assert [tok.decode(t.tolist()) for t in a.tokens] == prompts
+    lens = [len(p.encode()) for p in prompts]
+    assert a.lengths == lens and a.seqlen == max(lens) == 1360 and a.n_tokens == sum(lens)
+    d = a.describe()
+    assert d["lengths"] == {"min": 115, "median": 396.0, "max": 1360} and d["n_tokens"] == 73980
+    assert d["sampling"] == "documents" and d["bos"] == "auto" and d["n_truncated"] == 0
+    assert d["n_starting_with_bos"] == 0 and d["order"] == "source"
+    assert build_calib(cfg, tok).sha256 == a.sha256 == tokens_sha256(a.tokens)
+    # a tokenizer that adds BOS (as Llama's does): every prompt starts with it, one token longer
+    b = build_calib(cfg, _bos_tokenizer())
+    assert all(int(t[0]) == tok.bos_token_id for t in b.tokens) and b.lengths == [n + 1 for n in lens]
+    assert b.provenance["n_starting_with_bos"] == 164 and b.sha256 != a.sha256
+
+
+def test_documents_bos_modes_first_n_and_truncation(tok):
+    bos = tok.bos_token_id
+    kw = {"source": "humaneval", "sampling": "documents", "seqlen": 200}
+    always = build_calib(CalibConfig(n_samples=4, bos="always", **kw), tok)
+    assert always.n_samples == 4 and all(int(t[0]) == bos for t in always.tokens)
+    assert tok.decode(always.tokens[0][1:].tolist()) == humaneval_prompts()[0][:199]  # the first 4, in order
+    never = build_calib(CalibConfig(n_samples=4, bos="never", **kw), _bos_tokenizer())
+    assert all(int(t[0]) != bos for t in never.tokens)
+    assert torch.equal(never.tokens[0], build_calib(CalibConfig(n_samples=4, **kw), tok).tokens[0])
+    every = build_calib(CalibConfig(n_samples=-1, **kw), tok)
+    n_long = sum(len(p.encode()) > 200 for p in humaneval_prompts())
+    assert every.provenance["n_truncated"] == n_long > 0 and every.seqlen == 200
+    assert every.provenance["max_tokens_per_document"] == 200
+    with pytest.raises(DataError, match="calib.n_samples=165.*164"):
+        build_calib(CalibConfig(n_samples=165, **kw), tok)
+    no_bos = byte_tokenizer()
+    no_bos.bos_token = None
+    with pytest.raises(ConfigError, match="calib.bos") as err:
+        build_calib(CalibConfig(n_samples=2, bos="always", **kw), no_bos)
+    assert err.value.key == "calib.bos"
+
+
+def test_documents_work_for_local_sources(tok, tmp_path):
+    for name, text in (("a.txt", "first doc"), ("b.txt", ""), ("c.txt", "third, longer document")):
+        (tmp_path / name).write_text(text)
+    data = build_calib(CalibConfig(source="local", path=str(tmp_path), sampling="documents", n_samples=-1, seqlen=12), tok)
+    assert [tok.decode(t.tolist()) for t in data.tokens] == ["first doc", "third, longe"]  # empty dropped, cut at 12
+    assert data.provenance["n_truncated"] == 1 and data.provenance["files"] == ["a.txt", "b.txt", "c.txt"]
+
+
+def test_varlen_hash_covers_every_sequence_and_boundary():
+    a, b = torch.arange(5), torch.arange(5, 9)
+    h = tokens_sha256([a, b])
+    assert h == tokens_sha256((a.clone(), b.clone()))
+    assert h != tokens_sha256([a, b + 1]) and h != tokens_sha256([a[:4], torch.arange(4, 9)])  # content, boundary
+    assert h != tokens_sha256([a]) and h != tokens_sha256(torch.arange(9)[None])
+    # the fixed-length hash is unchanged (value of the original implementation)
+    assert tokens_sha256(torch.arange(12).view(3, 4)) == "4d342c941a8823b03e499d028923f2d6792bf9b1664f3a0f4de493ea7d815438"
+    from quantlab.types import CalibData
+
+    data = CalibData([a, b], "x", 2, 5, 0, h)
+    assert isinstance(data.tokens, tuple) and data.lengths == [5, 4] and data.n_tokens == 9
+    assert len(data.head(1)) == 1
+    with pytest.raises(ValueError, match="do not match"):
+        CalibData([a, b], "x", 2, 9, 0, h)
+    with pytest.raises(ValueError, match="not non-empty 1-D int64"):
+        CalibData([a, torch.zeros(0, dtype=torch.int64)], "x", 2, 5, 0, h)

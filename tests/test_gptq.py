@@ -10,9 +10,11 @@ from quantlab.algorithms.gptq import HessianAccumulator, dequantize_gidx, gptq_q
 from quantlab.errors import ConfigError, DataError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
+from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.gptq import GPTQConfig, GPTQQuantizer
+from quantlab.types import CalibData, tokens_sha256
 
 F64 = torch.float64
 
@@ -311,3 +313,63 @@ def test_config_defaults_follow_the_gptq_convention():
     cfg = GPTQConfig(format={"bits": 3, "group_size": 64, "zero_in_range": True})
     assert cfg.format == QuantFormat(bits=3, group_size=64, zero_in_range=True)
     assert GPTQConfig().format.zero_in_range and GPTQConfig().to_dict()["damp"] == 0.01
+
+
+# ------------------------------------------------------------------ variable-length calibration data
+def _as_sequences(calib):
+    """The same rows as variable-length data (a tuple of 1-D tensors)."""
+    seqs = tuple(calib.tokens)
+    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
+
+
+def _varlen_calib(lengths, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    seqs = tuple(torch.randint(0, 256, (n,), generator=g) for n in lengths)
+    return CalibData(seqs, "random", len(seqs), max(lengths), seed, tokens_sha256(seqs))
+
+
+@pytest.mark.parametrize("kw", [{}, {"batch_size": 3}, {"true_sequential": False}], ids=["one_chunk", "chunks", "not_seq"])
+def test_equal_length_sequences_match_the_tensor_path(tmp_path, kw):
+    fmt = QuantFormat(bits=4, group_size=32, zero_in_range=True)
+    runs = []
+    for calib in (_calib(), _as_sequences(_calib())):
+        model, _ = build_tiny_llama()
+        res = GPTQQuantizer(GPTQConfig(format=fmt, **kw)).quantize(model, calib, _ctx(tmp_path))
+        runs.append((model.state_dict(), res))
+    (sd_t, res_t), (sd_l, res_l) = runs
+    assert all(torch.equal(sd_t[k], sd_l[k]) for k in sd_t)
+    assert res_t.artifacts.keys() == res_l.artifacts.keys()
+    assert all(torch.equal(res_t.artifacts[k], res_l.artifacts[k]) for k in res_t.artifacts)
+    assert {k: v for k, v in res_t.summary.items() if k != "search_s"} == {
+        k: v for k, v in res_l.summary.items() if k != "search_s"}
+
+
+def test_variable_length_hessians_equal_a_per_sequence_reference(tmp_path, monkeypatch):
+    """Block 0's Hessians == (2/N) sum over sequences of X^T X, each sequence run ALONE through the fp model."""
+    from quantlab.quantizers import gptq as G
+
+    calib = _varlen_calib([7, 12, 7, 3, 12, 9])
+    seen = []
+    real = G.gptq_quantize_weight
+    monkeypatch.setattr(G, "gptq_quantize_weight", lambda W, H, *a, **k: seen.append(H.clone()) or real(W, H, *a, **k))
+    model, _ = build_tiny_llama(dtype=F64)
+    res = GPTQQuantizer(GPTQConfig(format=W4G16, true_sequential=False)).quantize(model, calib, _ctx(tmp_path))
+    assert res.summary["calib_tokens"] == 7 + 12 + 7 + 3 + 12 + 9
+
+    fp, _ = build_tiny_llama(dtype=F64)
+    block = fp.model.layers[0]
+    firsts = [s[0] for s in G._block_subsets(get_mapping(fp), "model.layers.0", set(res.quantized_layers))]
+    sums = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features, dtype=F64) for n in firsts}
+    def hook(_m, args, n):
+        sums[n] += args[0][0].T @ args[0][0]  # (1, L, in): one sequence
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in firsts]
+    with torch.no_grad():
+        for seq in calib.tokens:
+            fp(seq[None])
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= len(firsts) == 4
+    for n, H in zip(firsts, seen):
+        ref = 2 / calib.n_samples * sums[n]
+        assert torch.allclose(H, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max())), n

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import cpu_ctx as _ctx  # noqa: E402,I001
 from conftest import random_calib as _calib
 
-from quantlab.calib.stats import collect_group_absmax
+from quantlab.calib.stats import collect_group_absmax, group_key
 from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.models.mappings import get_mapping
@@ -20,6 +20,7 @@ from quantlab.nn.act_quant import (
 )
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.smoothquant import SmoothQuantConfig, SmoothQuantQuantizer, norm_groups
+from quantlab.types import CalibData, tokens_sha256
 
 CPU = torch.device("cpu")
 GROUP_QKV = "input_layernorm->q_proj,k_proj,v_proj"
@@ -145,3 +146,52 @@ def test_lm_head_target_is_refused_and_calib_required(tmp_path):
         SmoothQuantQuantizer(SmoothQuantConfig(exclude=())).validate(model)
     with pytest.raises(ConfigError, match="calib"):
         SmoothQuantQuantizer(SmoothQuantConfig()).quantize(model, None, _ctx(tmp_path))
+
+
+# ------------------------------------------------------------------ variable-length calibration data
+def _as_sequences(calib):
+    seqs = tuple(calib.tokens)
+    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
+
+
+def test_equal_length_sequences_match_the_tensor_path(tmp_path):
+    model, _ = build_tiny_llama()
+    mapping = get_mapping(model)
+    for bs in (None, 3):
+        a = collect_group_absmax(model, mapping, _calib().tokens, device=CPU, batch_size=bs)
+        b = collect_group_absmax(model, mapping, _as_sequences(_calib()).tokens, device=CPU, batch_size=bs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sds = []
+    for calib in (_calib(), _as_sequences(_calib())):
+        m, _ = build_tiny_llama()
+        res = SmoothQuantQuantizer(SmoothQuantConfig()).quantize(m, calib, _ctx(tmp_path))
+        sds.append((m.state_dict(), res.artifacts))
+    assert all(torch.equal(sds[0][0][k], sds[1][0][k]) for k in sds[0][0])
+    assert all(torch.equal(sds[0][1][k], sds[1][1][k]) for k in sds[0][1])
+
+
+def test_variable_length_absmax_equals_a_per_sequence_reference():
+    """max|x| per channel over every real token == the max over each sequence run ALONE through the model."""
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 256, (n,), generator=g) for n in (7, 12, 7, 3, 12, 9)]
+    model, _ = build_tiny_llama(dtype=torch.float64, num_key_value_heads=4)  # v->o applicable too
+    mapping = get_mapping(model)
+    stats = collect_group_absmax(model, mapping, seqs, device=CPU, batch_size=2)
+    ref, hooks = {}, []
+    for i, block in enumerate(mapping.blocks(model)):
+        for grp in mapping.applicable_groups(block):
+            key = group_key(f"model.layers.{i}", grp)
+
+            def hook(_m, args, key=key):
+                m = args[0].abs().reshape(-1, args[0].shape[-1]).amax(0)
+                ref[key] = m if key not in ref else torch.maximum(ref[key], m)
+
+            hooks.append(block.get_submodule(grp.linears[0]).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for s in seqs:
+            model(s[None])
+    for h in hooks:
+        h.remove()
+    assert stats.keys() == ref.keys() and len(ref) == 2 * 4
+    for k in ref:  # batched vs single matmuls: <= 1e-13 apart in float64
+        assert torch.allclose(stats[k], ref[k], rtol=1e-12, atol=0), k

@@ -23,6 +23,7 @@ from quantlab.quantizers.smoothquant_plus import (
     SmoothQuantPlusQuantizer,
     smoothed_groups,
 )
+from quantlab.types import CalibData, tokens_sha256
 
 CPU = torch.device("cpu")
 FMT = QuantFormat(bits=4, group_size=32)  # tiny model: hidden 64, so g32 gives 2 groups per row
@@ -225,3 +226,39 @@ def test_config_grid_and_defaults():
     assert SmoothQuantPlusConfig(alpha_min=0.2, alpha_max=0.6, alpha_step=0.1).grid() == [0.2, 0.3, 0.4, 0.5, 0.6]
     with pytest.raises(ConfigError, match="quantizer.alpha_max"):
         SmoothQuantPlusConfig(alpha_min=0.6, alpha_max=0.2)
+
+
+# ------------------------------------------------------------------ variable-length calibration data
+def _as_sequences(calib):
+    seqs = tuple(calib.tokens)
+    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
+
+
+def test_equal_length_sequences_match_the_tensor_path():
+    fp, _ = build_tiny_llama()
+    mapping = get_mapping(fp)
+    kw = {"groups_fn": lambda b: smoothed_groups(mapping, b, False), "targets": _targets(fp), "alphas": [0.0, 0.5],
+          "fmt": FMT, "loss": "logits_mse", "device": CPU, "batch_size": 3}
+    for n in (None, 5):
+        a = AS.search_alpha(fp, mapping, _calib().tokens, search_samples=n, **kw)
+        b = AS.search_alpha(fp, mapping, _as_sequences(_calib()).tokens, search_samples=n, **kw)
+        assert a.losses == b.losses and a.rtn_loss == b.rtn_loss and (a.n_samples, a.n_tokens) == (b.n_samples, b.n_tokens)
+        assert all(torch.equal(a.stats[k], b.stats[k]) for k in a.stats)
+
+
+def test_variable_length_search_loss_is_the_per_sequence_logits_mse(tmp_path):
+    """search_samples=3 on prompts of different lengths: the loss == the logits MSE of the model quantized
+    with that alpha (statistics from all sequences) over the first 3 sequences, each run alone."""
+    g = torch.Generator().manual_seed(5)
+    seqs = tuple(torch.randint(0, 256, (n,), generator=g) for n in (20, 9, 33, 9, 20, 14))
+    calib = CalibData(seqs, "random", 6, 33, 0, tokens_sha256(seqs))
+    fp, _ = build_tiny_llama(dtype=torch.float64)
+    mapping = get_mapping(fp)
+    res = AS.search_alpha(fp, mapping, calib.tokens, groups_fn=lambda b: smoothed_groups(mapping, b, False),
+                          targets=_targets(fp), alphas=[0.35], fmt=FMT, loss="logits_mse", device=CPU,
+                          search_samples=3, rtn_baseline=False, batch_size=1)
+    assert res.n_samples == 3 and res.n_tokens == 20 + 9 + 33
+    model, _ = build_tiny_llama(dtype=torch.float64)
+    SmoothQuantPlusQuantizer(SmoothQuantPlusConfig(format=FMT, alpha=0.35)).quantize(model, calib, _ctx(tmp_path))
+    total = sum(((_logits(model, s[None]) - _logits(fp, s[None])) ** 2).mean(-1).sum().item() for s in seqs[:3])
+    assert res.losses[0] == pytest.approx(total / res.n_tokens, rel=1e-9)

@@ -32,9 +32,13 @@ Block-major order (the engine's): every candidate's stream advances through bloc
 saved once (one block, on the device, not a copy of the model), and the fp statistics of block ``i``
 exist by the time the candidates need them, in the same pass. Memory: one block twice, the fp stream
 (all calibration samples) and one stream per candidate of the search samples (``search_samples``:
-the first N sequences). ``alpha_batch`` bounds the candidate streams per wave; later waves reuse the
-statistics and the fp reference and only repeat the block moves. A candidate whose activations become
-non-finite is dropped with loss ``inf`` instead of stopping the search.
+the first N sequences; with variable-length data, e.g. one HumanEval prompt per sequence, those
+sequences' rows of the engine's equal-length chunks, see
+:func:`~quantlab.calib.sequential.first_sequences`, so row r of a search chunk is row r of the
+matching fp chunk and the loss pairs every token with its own fp reference). ``alpha_batch`` bounds
+the candidate streams per wave; later waves reuse the statistics and the fp reference and only
+repeat the block moves. A candidate whose activations become non-finite is dropped with loss ``inf``
+instead of stopping the search.
 
 Optionally plain RTN (no smoothing) is evaluated as one more stream, giving the loss smoothing is
 compared against at the same price as one grid point.
@@ -57,9 +61,12 @@ from quantlab.algorithms.smoothing import fold_group_scales, smoothquant_scales,
 from quantlab.calib.sequential import (
     BlockContext,
     BlockData,
-    auto_batch_size,
+    Tokens,
     capture_block_inputs,
+    describe_chunks,
+    first_sequences,
     on_device,
+    plan_chunks,
 )
 from quantlab.calib.stats import group_key, reduce_absmax
 from quantlab.errors import DataError
@@ -186,7 +193,8 @@ def _fp_stats(ctx: BlockContext, groups: list[ScaleGroup], stats: dict[str, torc
         m = reduce_absmax(x).cpu()
         stats[key] = m if key not in stats else torch.maximum(stats[key], m)
 
-    return BlockData(hidden=ctx.collect(list(by_first), on_input, early_exit=False), kwargs=ctx.inputs.kwargs)
+    outs = ctx.collect(list(by_first), on_input, early_exit=False)
+    return BlockData(hidden=outs, kwargs=ctx.inputs.kwargs, index=ctx.inputs.index)
 
 
 class _BlockSearch:
@@ -244,44 +252,47 @@ class _BlockSearch:
 
 @torch.no_grad()
 def search_alpha(
-    model: nn.Module, mapping: ArchMapping, tokens: torch.Tensor, *, groups_fn: GroupsFn, targets: Iterable[str],
+    model: nn.Module, mapping: ArchMapping, tokens: Tokens, *, groups_fn: GroupsFn, targets: Iterable[str],
     alphas: list[float], fmt: QuantFormat, loss: str, device: torch.device, batch_size: int | None = None,
     search_samples: int | None = None, rtn_baseline: bool = True, alpha_batch: int | None = None,
 ) -> SearchResult:
     """Whole-model loss of every alpha in ``alphas`` (block-major; see the module docstring).
 
     The model is left with its original parameters. ``targets`` are model-level Linear names inside
-    the decoder blocks (RTN-quantized for every candidate).
+    the decoder blocks (RTN-quantized for every candidate). ``tokens``: (n, seqlen) or a sequence of
+    1-D tensors (variable lengths); ``search_samples``: the loss uses the first N sequences.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    n = tokens.shape[0]
+    plan = plan_chunks(tokens, batch_size)
+    n = sum(c.index.numel() for c in plan)
     n_s = min(search_samples or n, n)
-    bs = auto_batch_size(n, tokens.shape[1], batch_size)
-    fp = capture_block_inputs(model, mapping, tokens, device=device, batch_size=bs)
-    start = fp if n_s == n else capture_block_inputs(model, mapping, tokens[:n_s], device=device, batch_size=bs)
+    sub = plan if n_s == n else first_sequences(plan, n_s)
+    kept = [int((c.index < n_s).sum()) for c in plan]  # rows of every fp chunk the search streams hold
+    fp = capture_block_inputs(model, mapping, None, device=device, chunks=plan)
+    start = fp if n_s == n else capture_block_inputs(model, mapping, None, device=device, chunks=sub)
     cands: list[float | None] = [*alphas, *([None] if rtn_baseline else [])]
     wave = alpha_batch or len(cands)
     stats: dict[str, torch.Tensor] = {}
     losses: dict[int, float] = {}
     ref: list[torch.Tensor] | None = None
-    log.info("smoothquant+ search: %d candidates (%d per wave), loss %s on %d x %d tokens, stats on %d samples",
-             len(cands), wave, loss, n_s, tokens.shape[1], n)
+    log.info("smoothquant+ search: %d candidates (%d per wave), loss %s on %s, stats on %d samples",
+             len(cands), wave, loss, describe_chunks(sub), n)
     try:
         for w0 in range(0, len(cands), wave):
             idx = list(range(w0, min(w0 + wave, len(cands))))
             streams: dict[int, list[torch.Tensor] | None] = {j: list(start.hidden) for j in idx}
             fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
             if ref is None:
-                ref = _final(model, mapping, [h[: s.shape[0]] for h, s in zip(fp.hidden, start.hidden)], device)
+                ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
                 fp = None  # the fp stream is only needed once
             losses.update(_losses(model, mapping, loss, streams, ref, device))
     finally:
         model.train(was_training)
-    n_tok = n_s * tokens.shape[1]
+    n_tok = start.n_tokens
     rtn = losses.get(len(alphas)) if rtn_baseline else None
     return SearchResult(stats=stats, alphas=list(alphas), losses=[losses[i] for i in range(len(alphas))], rtn_loss=rtn,
                         n_samples=n_s, n_tokens=n_tok, seconds=time.perf_counter() - t0)

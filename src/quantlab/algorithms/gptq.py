@@ -38,8 +38,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class HessianAccumulator:
     """Running ``H = (2/N) sum_n X_n^T X_n`` over calibration sequences (reference ``add_batch``).
 
-    ``N`` counts sequences (the batch dimension), as in the reference; only the absolute scale depends
-    on it and the damping is relative to mean(diag H). Accumulates in float32 (float64 when the
+    ``N`` counts sequences (the batch dimension), as in the reference, also when sequences differ in
+    length (unpadded equal-length chunks of variable-length calibration data); only the absolute scale
+    depends on it and the damping is relative to mean(diag H). Accumulates in float32 (float64 when the
     inputs are float64), on the device of the first input.
     """
 

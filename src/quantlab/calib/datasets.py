@@ -1,4 +1,4 @@
-"""Calibration sets: a fixed, hashed (n_samples, seqlen) token tensor built from a config.
+"""Calibration sets: fixed, hashed token ids built from a config.
 
 Sources: ``humaneval`` (the 164 HumanEval prompts; SmoothQuant+'s calibration set), ``local``
 (files, a directory, a glob or the offline ``stdlib_calib`` corpus, disjoint from the ``stdlib`` evaluation corpus), ``wikitext2``, ``c4``, ``pile`` (Hub
@@ -11,11 +11,27 @@ Sampling schemes:
   window inside it, see :func:`quantlab.data.text.gptq_doc_windows`); for the other sources the
   offsets index the concatenation of all documents (in source order, separated by the tokens of
   ``"\\n\\n"`` as in GPTQ's ``"\\n\\n".join``). Windows may overlap.
-* ``chunks`` (AWQ / SmoothQuant+): documents in a seeded random order, separated by the tokenizer's
-  EOS token (``"\\n\\n"`` if it has none), cut into consecutive ``seqlen`` chunks; the first
-  ``n_samples`` are kept (all of them for ``n_samples=-1``).
+* ``chunks`` (AWQ-style concatenation; llm-awq ``get_calib_dataset`` concatenates Pile documents
+  and cuts 512-token blocks): documents in a seeded random order, separated by the tokenizer's EOS
+  token (``"\\n\\n"`` if it has none), cut into consecutive ``seqlen`` chunks; the first
+  ``n_samples`` are kept (all of them for ``n_samples=-1``). Documents attend to each other inside a
+  chunk and no BOS is added (``conf/calib/humaneval_prompts_chunks.yaml`` keeps this for HumanEval).
+* ``documents`` (SmoothQuant+, Pan et al. 2023, which calibrates on the 164 HumanEval problem
+  descriptions; its calibration code is not public. Also SmoothQuant's ``get_act_scales``, which
+  tokenizes each Pile sample on its own, truncated to 512 tokens): every document is its own
+  sequence, tokenized the way the model's tokenizer tokenizes a prompt, in source order (HumanEval/0
+  first); ``n_samples`` = the first n documents (``-1``: all); ``seqlen`` = the most tokens kept per
+  document (longer ones are truncated to their first ``seqlen`` tokens, counted in provenance as
+  ``n_truncated`` and warned about). ``bos``: ``auto`` = the tokenizer's default special tokens
+  (``add_special_tokens=True``: BOS for Llama tokenizers, none for the byte-level tiny tokenizer or
+  SmolLM2's), ``always`` = those and a leading ``bos_token_id`` where it is missing, ``never`` = those
+  minus a leading BOS. The result is variable-length (:attr:`CalibData.tokens` is a tuple of 1-D
+  tensors); the calibration engine batches equal-length sequences, so no padding enters a statistic
+  and no sequence attends to another. The order cannot change a statistic (the engine regroups by
+  length; sums differ at most by float summation order), it only decides which documents are "the
+  first n" (here and in ``search_samples``), so the source order is kept and ``seed`` is unused.
 
-Empty documents are dropped. The same config and tokenizer always give the same tensor and hash.
+Empty documents are dropped. The same config and tokenizer always give the same tokens and hash.
 """
 from __future__ import annotations
 
@@ -46,7 +62,8 @@ from quantlab.utils.checks import is_int
 log = logging.getLogger(__name__)
 
 SOURCES: tuple[str, ...] = ("humaneval", "local", "wikitext2", "c4", "pile", "random")
-SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks")
+SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks", "documents")
+BOS_MODES: tuple[str, ...] = ("auto", "always", "never")
 _OFFLINE_HINT = "Offline? Use calib.source=local calib.path=/some/*.txt (or calib.path=stdlib_calib)"
 
 
@@ -56,14 +73,20 @@ class CalibConfig:
 
     Attributes:
         source: ``humaneval`` | ``local`` | ``wikitext2`` | ``c4`` | ``pile`` | ``random``.
-        n_samples: rows of the tensor; ``-1`` = every chunk available (``sampling="chunks"`` only).
-        seqlen: tokens per row (>= 2).
-        seed: seeds window offsets / document order / random ids (never the global RNG).
+        n_samples: rows of the tensor / documents; ``-1`` = every chunk or document available
+            (``sampling`` ``chunks`` or ``documents`` only).
+        seqlen: tokens per row (>= 2); for ``documents`` the most tokens kept per document.
+        seed: seeds window offsets / document order / random ids (never the global RNG); unused by
+            ``documents`` (source order).
         path: ``local`` only: a file, directory, glob, ``"stdlib_calib"`` or ``"stdlib"``. Ignored (with a warning) for
             other sources.
         split: dataset split for hub sources (``wikitext2``: train/validation/test; ``c4``:
             train/validation; ``pile``: validation); ignored otherwise.
-        sampling: ``random_windows`` (GPTQ) or ``chunks`` (AWQ / SmoothQuant+); ignored by ``random``.
+        sampling: ``random_windows`` (GPTQ), ``chunks`` (AWQ-style concatenation) or ``documents``
+            (each document its own sequence: SmoothQuant+); ``random`` accepts only the first two
+            and ignores them.
+        bos: ``documents`` only: ``auto`` (the tokenizer's default), ``always`` or ``never`` (see
+            the module docstring).
     """
 
     source: str
@@ -73,6 +96,7 @@ class CalibConfig:
     path: str | None = None
     split: str = "train"
     sampling: str = "random_windows"
+    bos: str = "auto"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -85,13 +109,21 @@ class CalibConfig:
             )
         if not is_int(self.n_samples) or self.n_samples == 0 or self.n_samples < -1:
             raise ConfigError(
-                "calib.n_samples", f"must be a positive integer or -1 (all chunks), got {self.n_samples!r}"
+                "calib.n_samples", f"must be a positive integer or -1 (all chunks / documents), got {self.n_samples!r}"
             )
-        if self.n_samples == -1 and (self.sampling != "chunks" or self.source == "random"):
+        if self.sampling == "documents" and self.source == "random":
+            raise ConfigError("calib.sampling", "documents needs a text source, calib.source=random has none")
+        if self.n_samples == -1 and (self.sampling not in ("chunks", "documents") or self.source == "random"):
             raise ConfigError(
                 "calib.n_samples",
-                "-1 (every chunk) needs calib.sampling=chunks and a text source; give a positive count",
+                "-1 (every chunk / document) needs calib.sampling=chunks or documents and a text source; "
+                "give a positive count",
             )
+        if self.bos not in BOS_MODES:
+            raise ConfigError("calib.bos", f"unknown mode {self.bos!r}; use one of {', '.join(BOS_MODES)}")
+        if self.bos != "auto" and self.sampling != "documents":
+            raise ConfigError("calib.bos", f"bos={self.bos} applies to calib.sampling=documents only "
+                                           f"(sampling {self.sampling} adds no special tokens)")
         if not is_int(self.seqlen) or self.seqlen < 2:
             raise ConfigError("calib.seqlen", f"must be an integer >= 2, got {self.seqlen!r}")
         if not is_int(self.seed) or self.seed < 0:
@@ -164,6 +196,47 @@ def _too_little(cfg: CalibConfig, n_tokens: int, need: str) -> DataError:
     )
 
 
+def _documents(cfg: CalibConfig, texts: list[str], tokenizer: Any, prov: dict[str, Any]) -> CalibData:
+    """``sampling=documents``: every document its own sequence (see the module docstring)."""
+    if cfg.n_samples > len(texts):
+        raise DataError(
+            f"calib.n_samples={cfg.n_samples}: calib.source={cfg.source} has only {len(texts)} non-empty "
+            "documents. Fix: lower calib.n_samples or use -1 (all documents)"
+        )
+    texts = texts if cfg.n_samples == -1 else texts[: cfg.n_samples]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = bos if isinstance(bos, int) else None
+    if cfg.bos == "always" and bos is None:
+        raise ConfigError("calib.bos", f"always: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no "
+                                       "bos_token_id; use calib.bos=auto or never")
+    # as the model's tokenizer encodes a prompt: its default special tokens, no truncation warnings
+    out = tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False, verbose=False)
+    docs = [list(ids) for ids in out["input_ids"]]
+    if cfg.bos == "always":
+        docs = [ids if ids[:1] == [bos] else [bos, *ids] for ids in docs]
+    elif cfg.bos == "never" and bos is not None:
+        docs = [ids[1:] if ids[:1] == [bos] else ids for ids in docs]
+    n_trunc = sum(len(ids) > cfg.seqlen for ids in docs)
+    docs = [ids[: cfg.seqlen] for ids in docs]
+    empty = [i for i, ids in enumerate(docs) if not ids]
+    if empty:
+        raise DataError(f"calib.source={cfg.source}: document(s) {empty[:5]} encode to no tokens. "
+                        "Fix: remove them or use calib.bos=auto")
+    if n_trunc:
+        log.warning("calibration: %d of %d documents were longer than calib.seqlen=%d tokens and were truncated",
+                    n_trunc, len(docs), cfg.seqlen)
+    seqs = tuple(torch.tensor(ids, dtype=torch.int64) for ids in docs)
+    lens = [len(ids) for ids in docs]
+    prov.update(order="source", bos=cfg.bos, bos_token_id=bos, n_starting_with_bos=sum(ids[0] == bos for ids in docs),
+                max_tokens_per_document=cfg.seqlen, n_truncated=n_trunc, n_tokens_available=sum(lens))
+    data = CalibData(seqs, cfg.source, len(seqs), max(lens), cfg.seed, tokens_sha256(seqs), prov)
+    lr = data.describe()["lengths"]
+    log.info("calibration: %s/documents %d sequences, %d tokens (lengths %d/%g/%d min/median/max), %d truncated, "
+             "bos=%s (sha256 %s)", cfg.source, data.n_samples, data.n_tokens, lr["min"], lr["median"], lr["max"],
+             n_trunc, cfg.bos, data.sha256[:12])
+    return data
+
+
 def build_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None = None) -> CalibData:
     """Build the calibration tensor described by ``cfg``.
 
@@ -175,10 +248,12 @@ def build_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None = None)
 
     Returns:
         :class:`CalibData` with ``tokens`` int64 of shape (n_samples, seqlen) (``n_samples`` = number
-        of chunks for ``-1``), its sha256 and provenance (source, sampling, files, text hash, ...).
+        of chunks for ``-1``), or for ``sampling=documents`` a tuple of 1-D int64 sequences; its
+        sha256 and provenance (source, sampling, files, text hash, bos, truncation, ...).
 
     Raises:
-        DataError: the source cannot be read, or has too few tokens for the request.
+        DataError: the source cannot be read, or has too few tokens / documents for the request.
+        ConfigError: ``calib.bos=always`` with a tokenizer that has no BOS token.
     """
     if cfg.path is not None and cfg.source != "local":
         log.warning("calib.path=%r is ignored for calib.source=%s", cfg.path, cfg.source)
@@ -199,6 +274,8 @@ def build_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None = None)
     prov.update(n_documents=len(texts), tokenizer=getattr(tokenizer, "name_or_path", ""))
     if not texts:
         raise _too_little(cfg, 0, "the source has no non-empty documents")
+    if cfg.sampling == "documents":
+        return _documents(cfg, texts, tokenizer, prov)
 
     if cfg.sampling == "random_windows" and cfg.source == "c4":
         tokens, stats = gptq_doc_windows(texts, tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)

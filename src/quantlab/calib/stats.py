@@ -3,7 +3,9 @@
 ``collect_group_absmax`` returns, for every scaling group of every block, the per-input-channel
 maximum of |x| over all calibration tokens at the group's shared input (SmoothQuant
 ``calibration.py get_act_scales``; SmoothQuant+ section 3.4: "the maximum activation values by
-channel"). Statistics are kept in float32 (float64 for float64 models) on CPU.
+channel"). Statistics are kept in float32 (float64 for float64 models) on CPU. Variable-length
+calibration data (``calib.sampling=documents``) is chunked by the engine into unpadded equal-length
+batches, so the maximum runs over exactly the real tokens of every sequence.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantlab.calib.sequential import BlockContext, run_sequential
+from quantlab.calib.sequential import BlockContext, Tokens, run_sequential
 from quantlab.models.mappings import ArchMapping, ScaleGroup
 
 
@@ -31,7 +33,7 @@ def reduce_absmax(x: torch.Tensor) -> torch.Tensor:
 def collect_group_absmax(
     model: nn.Module,
     mapping: ArchMapping,
-    tokens: torch.Tensor,
+    tokens: Tokens,
     *,
     device: torch.device,
     batch_size: int | None = None,

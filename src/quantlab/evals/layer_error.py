@@ -10,8 +10,9 @@ For every quantized Linear (the keys of ``ctx.fp_weights``) two numbers are repo
   where, for the input ``X`` (tokens, in) the layer actually receives in the *quantized* model,
   ``Y_q`` (tokens, out) is the layer's own output and ``Y_fp = X W_fp^T + b`` is what the same
   layer would output with its original weight. Sums run over all calibration tokens and output
-  channels. Because ``X`` comes from the quantized model, errors of earlier layers are *not*
-  removed: this is the error of each layer as deployed (errors propagate), not an isolated one.
+  channels (variable-length calibration sequences run in unpadded equal-length batches, so only
+  real tokens count). Because ``X`` comes from the quantized model, errors of earlier layers are
+  *not* removed: this is the error of each layer as deployed (errors propagate), not an isolated one.
   The full-precision signal ``Y_fp`` is the reference, as in the torchao SmoothQuant SQNR tests.
 
 Contract on ``ctx.fp_weights``: it must hold, for each layer, the weight *that was rounded*
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantlab.calib.sequential import Tokens, plan_chunks
 from quantlab.errors import ConfigError, QuantlabError
 from quantlab.evals.base import Evaluator, register_evaluator
 from quantlab.nn.swap import dense_weight
@@ -165,8 +167,9 @@ class LayerErrorEval(Evaluator):
     """Per-layer weight error and output SQNR of the quantized Linears.
 
     Attributes:
-        max_samples: calibration rows (sequences) run through the model; ``None`` = all rows.
-        batch_size: rows per forward pass.
+        max_samples: calibration rows (sequences) run through the model, the first ones; ``None`` = all.
+        batch_size: rows per forward pass (variable-length data: at most this many sequences of one
+            length per forward, never padded).
     """
 
     requires_calibration: ClassVar[bool] = True
@@ -191,7 +194,7 @@ class LayerErrorEval(Evaluator):
             model: the quantized model (not modified; forward hooks are removed before returning).
             tokenizer: unused (calibration data is already tokenized).
             ctx: needs ``fp_weights`` (fqn -> (out, in) original weight) and ``calib``
-                (tokens (n, seqlen) int64).
+                (tokens (n, seqlen) int64, or variable-length sequences).
 
         Returns:
             Metrics ``layer/mean_rel_weight_error``, ``layer/mean_output_sqnr_db``,
@@ -206,9 +209,10 @@ class LayerErrorEval(Evaluator):
             raise QuantlabError("layer_error needs calibration data")
 
         layers = self._layers_in_module_order(model, ctx.fp_weights)
-        tokens = ctx.calib.tokens
-        n_rows = tokens.shape[0] if self.max_samples is None else min(self.max_samples, tokens.shape[0])
-        accs = self._collect(model, layers, ctx.fp_weights, tokens[:n_rows])
+        n_all = ctx.calib.n_samples
+        n_rows = n_all if self.max_samples is None else min(self.max_samples, n_all)
+        lengths = ctx.calib.lengths[:n_rows]
+        accs = self._collect(model, layers, ctx.fp_weights, ctx.calib.head(n_rows))
 
         rows = []
         for name, mod in layers:
@@ -234,8 +238,8 @@ class LayerErrorEval(Evaluator):
             "calib": ctx.calib.name,
             "calib_sha256": ctx.calib.sha256,
             "n_rows": n_rows,
-            "seqlen": int(tokens.shape[1]),
-            "n_tokens": n_rows * int(tokens.shape[1]),
+            "seqlen": max(lengths),
+            "n_tokens": sum(lengths),
             "batch_size": self.batch_size,
             "n_layers": len(rows),
             "inputs": INPUTS_NOTE,
@@ -276,18 +280,17 @@ class LayerErrorEval(Evaluator):
         model: nn.Module,
         layers: list[tuple[str, nn.Module]],
         fp_weights: dict[str, torch.Tensor],
-        tokens: torch.Tensor,
+        tokens: Tokens,
     ) -> dict[str, OutputErrorAccumulator]:
-        """Run ``tokens`` (n, seqlen) through ``model`` with one hook per layer; returns the sums."""
+        """Run ``tokens`` ((n, seqlen) or 1-D sequences) through ``model``, one hook per layer; the sums."""
         accs = {name: OutputErrorAccumulator() for name, _ in layers}
         device = model_device(model)
         handles = []
         try:
             for name, mod in layers:
                 handles.append(mod.register_forward_hook(_make_hook(fp_weights[name], accs[name])))
-            for start in range(0, tokens.shape[0], self.batch_size):
-                batch = tokens[start : start + self.batch_size].to(device)
-                model(input_ids=batch, use_cache=False)
+            for chunk in plan_chunks(tokens, self.batch_size):  # fixed rows: tokens.split(batch_size)
+                model(input_ids=chunk.tokens.to(device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()

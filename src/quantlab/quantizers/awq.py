@@ -7,7 +7,8 @@ no error propagation, as in the reference):
    ``|x|`` of its input (eq. 5's ``s_X``), the inputs and keyword arguments of its inspected module
    (a whole attention or MLP; a Linear inspected on its own only needs ``X^T X``), and a fixed-stride
    sample of 512 input tokens of every Linear the clip search will see (one per distinct input: the
-   Linears of a scaling group share theirs).
+   Linears of a scaling group share theirs; the stride runs over the calibration tokens in the
+   engine's chunk order, which for fixed-length data is the set's order).
 2. For each group in mapping order: the fp output of the inspected module once, then for each grid
    ratio the group's weights are set to ``Q(W s)/s`` and eq. 4's loss (fp32 MSE over all output
    elements) is measured; the original weights are restored from a saved copy. The best ``s`` is
@@ -15,6 +16,10 @@ no error propagation, as in the reference):
    group's Linears are divided by it (llm-awq ``apply_scale``).
 3. Clip search for every target Linear except q/k (llm-awq ``auto_clip_block``), written into the
    weights; then RTN (:func:`~quantlab.formats.affine.fake_quantize`) of the block's target Linears.
+
+Variable-length calibration data (``calib.sampling=documents``) arrives as unpadded equal-length
+chunks (:func:`~quantlab.calib.sequential.plan_chunks`), so every sum and loss covers exactly the real
+tokens; ``search_tokens`` then picks whole sequences by their position in the set (mean length).
 
 Artifacts (re-applied bit for bit by ``load_artifacts``): ``awq.scale.<block>.<group key>`` (in,) and
 ``awq.clip.<linear>`` (out, n_groups).
@@ -31,7 +36,7 @@ from torch import nn
 
 from quantlab.algorithms import awq as A
 from quantlab.algorithms.smoothing import fold_scales
-from quantlab.calib.sequential import BlockContext, on_device, run_sequential
+from quantlab.calib.sequential import BlockContext, BlockData, on_device, run_sequential
 from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
@@ -61,8 +66,8 @@ class AWQConfig(CalibratedConfig):
         clip_n_grid / clip_max_shrink: clamp candidates ``absmax (1 - i/n)`` for ``i < max_shrink n``.
         clip_tokens: input tokens (fixed stride over the calibration set) the clip search uses.
         search_tokens: None = eq. 4's loss over every calibration token (the reference). N = only
-            whole calibration sequences, evenly strided over the set, adding up to about N tokens
-            (a speed option; ``s_X`` and the clip sample still use every token).
+            whole calibration sequences, evenly strided over the set, about N / (mean sequence
+            length) of them (a speed option; ``s_X`` and the clip sample still use every token).
     """
 
     format: QuantFormat = field(default_factory=QuantFormat)
@@ -108,8 +113,11 @@ def _take(value: Any, idx: torch.Tensor, batch: int) -> Any:
     return value
 
 
-def search_sequences(n_samples: int, seqlen: int, search_tokens: int | None) -> torch.Tensor | None:
-    """Indices of the calibration sequences eq. 4's loss uses: None (all) or ~search_tokens/seqlen, evenly strided."""
+def search_sequences(n_samples: int, seqlen: float, search_tokens: int | None) -> torch.Tensor | None:
+    """Indices of the sequences eq. 4's loss uses: None (all) or ~search_tokens/seqlen, evenly strided.
+
+    ``seqlen`` is the tokens per sequence (the mean length for variable-length data).
+    """
     if search_tokens is None:
         return None
     k = max(1, min(n_samples, round(search_tokens / seqlen)))
@@ -133,15 +141,15 @@ class _BlockCache:
     clip_x: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     n_tokens: int = 0
     _tok0: list[int] = field(default_factory=list)
-    _seq0: list[int] = field(default_factory=list)
+    _index: list[torch.Tensor] = field(default_factory=list)
 
-    def offsets(self, hidden: list[torch.Tensor]) -> None:
-        """First token / sequence index of every chunk in the whole calibration set."""
-        tok = seq = 0
-        for h in hidden:
+    def offsets(self, data: BlockData) -> None:
+        """First token of every chunk in the flattened calibration set, and each chunk's sequence positions."""
+        tok = 0
+        for h in data.hidden:
             self._tok0.append(tok)
-            self._seq0.append(seq)
-            tok, seq = tok + h.shape[0] * h.shape[1], seq + h.shape[0]
+            tok += h.shape[0] * h.shape[1]
+        self._index = list(data.index)
         self.n_tokens = tok
 
     def __call__(self, name: str, x: torch.Tensor, kw: dict[str, Any], chunk: int) -> None:
@@ -172,7 +180,7 @@ class _BlockCache:
                 idx = torch.arange(i, min(b, i + per))
                 yield x[i:i + per], (_take(kw, idx, b) if b > per else kw)
             return
-        local = self.keep[(self.keep >= self._seq0[chunk]) & (self.keep < self._seq0[chunk] + b)] - self._seq0[chunk]
+        local = torch.isin(self._index[chunk], self.keep).nonzero().flatten()  # ascending rows of the chunk
         for i in range(0, local.numel(), per):
             idx = local[i:i + per]
             yield x.index_select(0, idx.to(x.device)), _take(kw, idx, b)
@@ -192,8 +200,8 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         if calib is None:
             raise ConfigError("calib", "awq needs calibration data")
         cfg = self.config
-        n, seqlen = calib.tokens.shape
-        keep = search_sequences(n, seqlen, cfg.search_tokens)
+        n, lengths = calib.n_samples, calib.lengths
+        keep = search_sequences(n, calib.n_tokens / n, cfg.search_tokens)
         st: dict[str, Any] = {"arts": {}, "rows": [], "skipped": {}, "clipped": 0,
                               "ref": {} if ctx.keep_reference_weights else None}
         t0 = time.perf_counter()
@@ -205,8 +213,8 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             "mean_best_ratio": sum(r["best_ratio"] for r in rows) / max(len(rows), 1),
             "groups_skipped": sorted(st["skipped"]), "groups_skipped_reason": dict(sorted(st["skipped"].items())),
             "layers_clipped": st["clipped"], "duo_scaling": cfg.duo_scaling,
-            "search_tokens": int(n * seqlen if keep is None else keep.numel() * seqlen),
-            "calib_tokens": int(n * seqlen), "search_s": round(time.perf_counter() - t0, 3),
+            "search_tokens": calib.n_tokens if keep is None else sum(lengths[i] for i in keep.tolist()),
+            "calib_tokens": calib.n_tokens, "search_s": round(time.perf_counter() - t0, 3),
         }
         log.info("awq %s: %d groups searched (mean ratio %.3f), %d layers clipped, skipped %s, %.1fs",
                  cfg.format.short_name(), len(rows), summary["mean_best_ratio"], st["clipped"],
@@ -266,7 +274,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         clip = set(_clip_sources(b.mapping, rel_t, cfg.clip).values())
         cache = _BlockCache(stat_names={g.linears[0] for g in groups}, direct={g.inspect for g in groups} - gram,
                             gram=gram, clip=clip, step=A.sample_stride(b.inputs.n_tokens, cfg.clip_tokens), keep=keep)
-        cache.offsets(b.inputs.hidden)
+        cache.offsets(b.inputs)
         names = sorted(cache.stat_names | cache.direct | cache.gram | cache.clip)
         if names:
             b.collect(names, cache, early_exit=False)

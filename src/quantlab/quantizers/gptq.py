@@ -6,7 +6,9 @@ a block the Linears are processed in the architecture mapping's true-sequential 
 [k, v, q] -> [o] -> [up, gate] -> [down]): each subset's Hessian is collected with the earlier
 subsets already quantized, and Linears that share an input share one Hessian. The block's outputs
 are then recomputed with the quantized weights and feed the next block (errors propagate, as in the
-reference ``llama_sequential`` and llm-compressor).
+reference ``llama_sequential`` and llm-compressor). Variable-length calibration data
+(``calib.sampling=documents``) arrives as unpadded equal-length chunks, so each Hessian is
+``(2/N) sum`` over exactly the real tokens of the N sequences.
 
 Artifacts per quantized Linear ``<fqn>``: ``<fqn>.qweight`` (uint8 codes, (out, in)),
 ``<fqn>.scales`` ((out, n_groups), float32; float64 for a float64 model), ``<fqn>.zeros`` (uint8,
@@ -237,7 +239,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             "damp_escalated_layers": names,
             "dead_columns": sum(r["dead_columns"] for r in rows),
             "mean_gptq_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
-            "calib_tokens": int(calib.tokens.numel()),
+            "calib_tokens": calib.n_tokens,
             "search_s": round(seconds, 3),
         }
 

@@ -3,7 +3,8 @@
 Reference: ``mit-han-lab/smoothquant`` (``smooth.py smooth_lm``, ``fake_quant.py W8A8Linear``).
 
 1. Statistics: per-input-channel max |x| of every scaling group's input over the calibration set
-   (:func:`~quantlab.calib.stats.collect_group_absmax`, the reference's ``get_act_scales``).
+   (:func:`~quantlab.calib.stats.collect_group_absmax`, the reference's ``get_act_scales``; fixed-length
+   rows or variable-length sequences, never padded).
 2. Smoothing, for the reference's Llama pairs only: ``input_layernorm -> q/k/v`` and
    ``post_attention_layernorm -> gate/up`` (o_proj and down_proj are not smoothed)::
 

@@ -1,7 +1,9 @@
 """SmoothQuant+ (Pan et al. 2023, arXiv 2312.03788): smoothing with ONE whole-model alpha, then 4-bit RTN.
 
 1. Statistics (section 3.4.1): per-channel max |x| of every smoothed group's input in the
-   full-precision model over the whole calibration set (the paper: the 164 HumanEval prompts), and
+   full-precision model over the whole calibration set (the paper: the 164 HumanEval prompts, which
+   ``calib=humaneval_prompts`` feeds one prompt per sequence, BOS as the tokenizer adds it; the
+   engine batches equal-length prompts, no padding), and
    per-channel max |W| over the concatenated rows of all Linears sharing that input (``weight_max:
    concat``, upstream SmoothQuant's convention; the paper is silent).
 2. Smoothing (section 2.2, fig. 5): eq. (6) ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (1e-5 floors
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from quantlab.algorithms.alpha_search import LOSSES, SearchResult, plot_alpha_search, search_alpha
+from quantlab.calib.sequential import Tokens
 from quantlab.calib.stats import collect_group_absmax
 from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
@@ -172,7 +175,7 @@ class SmoothQuantPlusQuantizer(BlockwiseQuantizer[SmoothQuantPlusConfig]):
         return QuantResult(model=model, quantized_layers=targets, artifacts=arts, summary=summary, tables=tables,
                            images=images, reference_weights=ref_w)
 
-    def _search(self, model: nn.Module, mapping: ArchMapping, tokens: torch.Tensor, targets: list[str],
+    def _search(self, model: nn.Module, mapping: ArchMapping, tokens: Tokens, targets: list[str],
                 groups_fn, ctx: RunContext) -> SearchResult:
         cfg = self.config
         res = search_alpha(model, mapping, tokens, groups_fn=groups_fn, targets=targets, alphas=cfg.grid(),
