@@ -65,6 +65,7 @@ class RunOutcome:
     calib: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_item: dict[str, dict[str, Any]] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     quant_summary: dict[str, Any] = field(default_factory=dict)
     quant_time_s: float | None = None
@@ -160,6 +161,10 @@ def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) 
             raise ConfigError("eval", f"two evaluators produce metric {key!r}; give them different names")
         out.metrics[key] = value
         out.provenance[key] = {**res.provenance.get(key, {}), "evaluator": ev.kind, "eval_wall_s": round(wall_s, 3)}
+    for key, items in res.per_item.items():
+        if key in out.per_item:
+            raise ConfigError("eval", f"two evaluators produce per-item data {key!r}; name them apart")
+        out.per_item[key] = items
     for name, rows in res.tables.items():
         out.tables[name] = rows
     out.images.update({k: str(v) for k, v in res.images.items()})
@@ -199,6 +204,12 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
 
     for ev in spec.evals:  # a missing eval dataset must not surface only after a long quantization
         ev.preflight()
+        ev.check_model(model, tok)
+    overlap = [ev.name for ev in spec.evals if out.calib is not None and ev.calibration_overlap(out.calib)]
+    if overlap:  # test-set calibration (SmoothQuant+ does it on purpose): flagged in the record and every table
+        out.calib["calibrated_on_eval_set"] = overlap
+        log.warning("the calibration set (%s) is drawn from the items of %s: results are flagged "
+                    "calibrated_on_eval_set", out.calib.get("name"), overlap)
     reset_peak_cuda()
     t0 = time.perf_counter()
     result = quantizer.apply(model, calib, ctx)
@@ -227,6 +238,9 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     for ev in spec.evals:
         t1 = time.perf_counter()
         res = ev.run(model, tok, ctx)
+        if ev.name in overlap:
+            for key in res.metrics:
+                res.provenance.setdefault(key, {})["calibrated_on_eval_set"] = True
         _merge_eval(out, ev, res, time.perf_counter() - t1)
     out.metrics.update(footprint.metrics)  # after the evals' metrics: the first metric stays an eval's
     out.provenance.update(footprint.provenance)

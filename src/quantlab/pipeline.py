@@ -79,6 +79,7 @@ def _fill(record: RunRecord, out: RunOutcome) -> None:
     record.calib = out.calib
     record.metrics = out.metrics
     record.provenance = out.provenance
+    record.per_item = out.per_item
     record.quant_summary = out.quant_summary
     record.quant_time_s = out.quant_time_s
     record.peak_memory = out.peak_memory

@@ -42,6 +42,15 @@ class Evaluator(ABC):
         """Cheap checks run before the (possibly long) quantization: fail early on a missing data file
         or dataset. Default: nothing."""
 
+    def check_model(self, model: nn.Module, tokenizer: Any) -> None:
+        """Checks that need the loaded model or tokenizer (e.g. a chat template), run before quantizing.
+        Default: nothing."""
+
+    def calibration_overlap(self, calib: dict[str, Any]) -> bool:
+        """Does the calibration set (``CalibData.describe()``) draw on this evaluator's own items? Such runs
+        are flagged ``calibrated_on_eval_set`` in their record and in every table. Default: no."""
+        return False
+
     @abstractmethod
     def run(self, model: nn.Module, tokenizer: Any, ctx: RunContext) -> EvalResult:
         """Evaluate ``model`` and return metrics with provenance."""

@@ -111,15 +111,32 @@ def nll_of_window(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, i
         ``(sum_nll, count)``: float64 sum of ``-log_softmax(logits)[target]`` computed in float32
         (as ``logsumexp(logits) - logits[target]``), and the number of scored positions.
     """
+    nll = _scored_nll(logits, targets)
+    if nll.numel() == 0:
+        return 0.0, 0
+    return float(nll.double().sum()), int(nll.numel())
+
+
+def _scored_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Float32 NLL of every non-ignored target, in row-major order of ``targets``
+    (see :func:`nll_of_window`)."""
     flat_t = targets.reshape(-1)
     mask = flat_t != IGNORE_INDEX
-    count = int(mask.sum())
-    if count == 0:
-        return 0.0, 0
+    if not bool(mask.any()):
+        return logits.new_zeros(0, dtype=torch.float32)
     rows = logits.reshape(-1, logits.shape[-1])[mask].float()
     tgt = flat_t[mask].unsqueeze(-1)
-    nll = torch.logsumexp(rows, dim=-1) - rows.gather(-1, tgt).squeeze(-1)
-    return float(nll.double().sum()), count
+    return torch.logsumexp(rows, dim=-1) - rows.gather(-1, tgt).squeeze(-1)
+
+
+def _per_row_sums(nll: torch.Tensor, targets: torch.Tensor) -> list[list[float | int]]:
+    """``[nll_sum, n_scored]`` of every row (window) of 2-D ``targets``, from :func:`_scored_nll`'s output.
+
+    The scored positions of row ``r`` are a contiguous run of ``nll`` (row-major order), so the rows are
+    split by their counts; each row's sum is float64 like the total's.
+    """
+    counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()
+    return [[float(part.double().sum()), int(n)] for part, n in zip(torch.split(nll, counts), counts)]
 
 
 def _safe_exp(x: float) -> float:
@@ -233,8 +250,15 @@ class PerplexityEval(Evaluator):
             return windows_gptq(n_tokens, self.seqlen, self.max_windows)
         return windows_strided(n_tokens, self.seqlen, self.stride, self.max_windows)
 
-    def _score(self, model: nn.Module, tokens: torch.Tensor, windows: list[Window]) -> tuple[float, int]:
-        """Total NLL and scored-token count over ``windows`` of the 1-D ``tokens``."""
+    def _score(
+        self, model: nn.Module, tokens: torch.Tensor, windows: list[Window],
+        per_window: list[list[float | int]] | None = None,
+    ) -> tuple[float, int]:
+        """Total NLL and scored-token count over ``windows`` of the 1-D ``tokens``.
+
+        ``per_window``, when given, receives ``[nll_sum, n_scored]`` of every window in order (for paired
+        comparisons); the totals are computed exactly as without it (same reduction, same float bits).
+        """
         device = next(model.parameters()).device
         # batches of consecutive equal-length windows
         batches: list[list[Window]] = []
@@ -253,7 +277,11 @@ class PerplexityEval(Evaluator):
                 n_scored = min(trg_len, e - b - 1)
                 targets[row, : targets.shape[1] - n_scored] = IGNORE_INDEX
             logits = _forward_logits(model, ids.to(device))  # (B, L, V)
-            nll, count = nll_of_window(logits[:, :-1], targets.to(logits.device))
+            targets = targets.to(logits.device)
+            scored = _scored_nll(logits[:, :-1], targets)  # nll_of_window's computation, kept per position
+            nll, count = float(scored.double().sum()), int(scored.numel())
+            if per_window is not None:
+                per_window.extend(_per_row_sums(scored, targets))
             if not math.isfinite(nll):
                 b, e, _ = batch[0]
                 raise QuantlabError(
@@ -279,7 +307,8 @@ class PerplexityEval(Evaluator):
             ctx: run context (unused besides the tokenizer fallback).
 
         Returns:
-            ``EvalResult`` with metric ``ppl/<name>`` and its provenance.
+            ``EvalResult`` with metric ``ppl/<name>``, its provenance and, in ``per_item``, every window's
+            ``[nll_sum, n_tokens_scored]`` keyed by its index (``"0"``, ``"1"``, ...).
 
         Raises:
             DataError: the text cannot be loaded or is shorter than one window.
@@ -301,8 +330,9 @@ class PerplexityEval(Evaluator):
         modes = [(m, m.training) for m in model.modules()]  # restored afterwards: never mutate the model
         model.eval()
         try:
+            per_window: list[list[float | int]] = []
             with torch.no_grad():
-                nll, count = self._score(model, tokens, windows)
+                nll, count = self._score(model, tokens, windows, per_window)
         finally:
             for m, training in modes:
                 m.training = training
@@ -323,4 +353,5 @@ class PerplexityEval(Evaluator):
             add_bos=False,
         )
         log.info("%s = %.4f (%d tokens scored)", self.metric, ppl, count)
-        return EvalResult(metrics={self.metric: ppl}, provenance={self.metric: prov})
+        per_item = {self.metric: {str(i): w for i, w in enumerate(per_window)}}
+        return EvalResult(metrics={self.metric: ppl}, provenance={self.metric: prov}, per_item=per_item)

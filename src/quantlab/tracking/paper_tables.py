@@ -10,7 +10,9 @@
 * LLM-QAT Tables 1-2 shapes (zero-shot, perplexity by W-A-KV): :mod:`quantlab.tracking.llmqat_tables`.
 
 Cells average the successful runs of that method and model (seeds); the cell count is in ``runs``.
-Only ``status == ok`` rows count: a failed run never fills a cell.
+Only ``status == ok`` rows count: a failed run never fills a cell. A run calibrated on the evaluation
+set's own prompts (flat column ``calibrated_on_eval_set``) is labelled ``<method>†`` (so it never shares a
+row with held-out runs of the method) and its tables carry :data:`CALIB_FOOTNOTE`.
 """
 from __future__ import annotations
 
@@ -25,16 +27,41 @@ _T2 = re.compile(r"^(?P<ev>[^/]+)/(?P<lang>python|java|go|cpp|avg)/pass@1$")
 
 ROY_METHODS = ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "fp16", "bf16", "fp32")
 _T7 = re.compile(r"^(?P<ev>[^/]+)/tokens_per_s_(?P<end>min|max)$")
+DAGGER = "\u2020"
+CALIB_FOOTNOTE = (f"{DAGGER} calibrated on the evaluation set's own prompts (SmoothQuant+'s protocol): "
+                  "not a held-out result")
+
+
+def calibrated_on_eval(df: pd.DataFrame) -> pd.Series:
+    """Boolean per row: the run was calibrated on an evaluation set's own items (False when unknown)."""
+    if "calibrated_on_eval_set" not in df:
+        return pd.Series(False, index=df.index)
+    return df["calibrated_on_eval_set"].eq(True)
+
+
+def mark_calibrated(labels: pd.Series, df: pd.DataFrame) -> pd.Series:
+    """``labels`` with :data:`DAGGER` appended on the rows of runs calibrated on the evaluation set."""
+    return labels.where(~calibrated_on_eval(df), labels.astype(str) + DAGGER)
+
+
+def calib_footnotes(tab: pd.DataFrame) -> list[str]:
+    """``[CALIB_FOOTNOTE]`` when a column name or a text cell of ``tab`` carries the dagger, else ``[]``."""
+    cells = (v for c in tab.columns if not pd.api.types.is_numeric_dtype(tab[c]) for v in tab[c])
+    if any(DAGGER in str(c) for c in tab.columns) or any(isinstance(v, str) and DAGGER in v for v in cells):
+        return [CALIB_FOOTNOTE]
+    return []
 
 
 def method_labels(df: pd.DataFrame) -> pd.Series:
     """The run's method label (``rtn w4g64a``, ``bnb.nf4-dq``, ``fp32``; recorded since issue 5), else
-    quantizer + format."""
+    quantizer + format; ``†`` appended for runs calibrated on the evaluation set (see
+    :func:`mark_calibrated`)."""
     fmt = df["format"].fillna("") if "format" in df else ""
     fallback = (df["quantizer"].fillna("?").astype(str) + " " + fmt.astype(str)).str.strip()
     if "method" not in df:
-        return fallback
-    return df["method"].where(df["method"].notna() & (df["method"].astype(str) != ""), fallback).astype(str)
+        return mark_calibrated(fallback, df)
+    labels = df["method"].where(df["method"].notna() & (df["method"].astype(str) != ""), fallback).astype(str)
+    return mark_calibrated(labels, df)
 
 
 _method = method_labels

@@ -61,6 +61,8 @@ class RunRecord:
         calib: ``CalibData.describe()`` or None when the method needs no calibration.
         metrics: ``name -> value``; None means the value was non-finite (see module docstring).
         provenance: ``metric name -> facts`` (protocol, seqlen, dataset, n_tokens, ...).
+        per_item: ``metric name -> {item id -> value}`` (see :attr:`quantlab.types.EvalResult.per_item`);
+            empty in records written before it existed.
         quant_summary: scalar facts returned by the quantizer.
         quant_time_s: seconds spent in ``Quantizer.quantize``.
         peak_memory: see :func:`quantlab.tracking.env.peak_memory`.
@@ -86,6 +88,7 @@ class RunRecord:
     calib: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_item: dict[str, dict[str, Any]] = field(default_factory=dict)
     quant_summary: dict[str, Any] = field(default_factory=dict)
     quant_time_s: float | None = None
     peak_memory: dict[str, Any] = field(default_factory=dict)
@@ -139,13 +142,16 @@ class RunRecord:
 
         Metrics appear under their own (namespaced, ``/``-containing) keys; no other key contains
         ``/``. ``format`` is ``fp`` for the ``none`` quantizer and None when a non-identity run
-        has no format (e.g. it failed before the quantizer was built).
+        has no format (e.g. it failed before the quantizer was built). ``calibrated_on_eval_set`` is
+        True when ``calib["calibrated_on_eval_set"]`` lists evaluators whose own items the calibration
+        set was drawn from (the result is then not a held-out one).
         """
         calib = self.calib or {}
         model = self.model or {}
         env = self.env or {}
         packages = env.get("packages") or {}
         mem = self.peak_memory or {}
+        on_eval = calib.get("calibrated_on_eval_set")  # evaluators whose items the calibration set reused
         row: dict[str, Any] = {
             "experiment": self.experiment,
             "run_id": self.run_id,
@@ -174,6 +180,7 @@ class RunRecord:
             "calib.seqlen": calib.get("seqlen"),
             "calib.seed": calib.get("seed"),
             "calib.sha256": calib.get("sha256"),
+            "calibrated_on_eval_set": isinstance(on_eval, (list, tuple)) and len(on_eval) > 0,
             "model.revision": model.get("revision"),
             "model_note": model.get("note") or None,
             "model.dtype": model.get("dtype"),

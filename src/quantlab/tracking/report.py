@@ -1,8 +1,9 @@
 """Collect ``result.json`` records below a directory and render the comparison table.
 
 ``python -m quantlab.report [DIR] [--out OUTDIR] [--experiment NAME] [--metrics a,b]`` prints one
-table per experiment and writes ``report.csv`` (every flat column), ``report.md`` (the summary
-table) and, when pyarrow is installed, ``report.parquet``.
+table per experiment (then the paper-shaped tables and the paired comparisons vs the fp baseline,
+:mod:`quantlab.tracking.paired_table`) and writes ``report.csv`` (every flat column), ``report.md`` (the
+same tables) and, when pyarrow is installed, ``report.parquet``.
 
 Killed or still-running runs (a Hydra run dir with ``.hydra/`` but no ``result.json``) appear as
 ``status = incomplete`` rows: they are never silently dropped and never shown as successes.
@@ -26,14 +27,17 @@ import pandas as pd
 import yaml
 
 from quantlab.errors import DataError
-from quantlab.tracking.paper_tables import paper_tables
+from quantlab.tracking.paired_table import paired_tables
+from quantlab.tracking.paper_tables import (CALIB_FOOTNOTE, DAGGER, calib_footnotes, calibrated_on_eval,
+                                            paper_tables)
 from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record, write_text_atomic
 from quantlab.tracking.sampling_report import sampling_plots
 
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ("experiment", "model", "quantizer", "format", "wakv", "bits_per_weight", "seed")
-TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note", "method", "output_dir")
+TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note", "method", "output_dir",
+                "calibrated_on_eval_set")  # the last one: shown as a dagger on the quantizer
 _TIME_COLUMNS = ("quant_time_s", "wall_s")
 _GB_COLUMNS = ("peak_rss_gb", "peak_cuda_gb")
 _STATUS_STYLE = {"failed": "red", "incomplete": "yellow"}
@@ -191,11 +195,13 @@ def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFram
 
     Metric columns that are empty in that experiment are dropped, and so are ``seed`` when every row
     has the same seed and ``run_id`` (both stay in report.csv). Model caveats (e.g. the demo model's
-    dequantized-GGUF "fp" weights) become footnotes: ``"<model>: <note>"``.
+    dequantized-GGUF "fp" weights) become footnotes: ``"<model>: <note>"``. Runs calibrated on the
+    evaluation set get ``†`` after their quantizer and the table gets :data:`CALIB_FOOTNOTE`.
     """
     for name, sub in summary.groupby(summary["experiment"].fillna(""), sort=False, dropna=False):
         empty = [c for c in metric_columns(sub) if sub[c].isna().all()]
-        quiet = [c for c in ("run_id", "model_note", "method", "output_dir") if c in sub]
+        quiet = [c for c in ("run_id", "model_note", "method", "output_dir", "calibrated_on_eval_set")
+                 if c in sub]
         if "seed" in sub and sub["seed"].nunique() <= 1:
             quiet.append("seed")
         if "wakv" in sub and not sub["wakv"].dropna().astype(str).map(_quantizes_act_or_kv).any():
@@ -204,6 +210,11 @@ def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFram
         if "model_note" in sub:
             pairs = sub[["model", "model_note"]].dropna().drop_duplicates()
             notes = [f"{m}: {n}" for m, n in pairs.itertuples(index=False, name=None)]
+        flagged = calibrated_on_eval(sub)
+        if flagged.any():
+            marked = sub["quantizer"].astype(str) + DAGGER
+            sub = sub.assign(quantizer=sub["quantizer"].where(~flagged, marked))
+            notes.append(CALIB_FOOTNOTE)
         yield str(name), sub.drop(columns=["experiment", *empty, *quiet]), notes
 
 
@@ -237,13 +248,27 @@ def render_markdown(rows: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _markdown_report(summary: pd.DataFrame) -> str:
+def _note(note: str, word: str = "note") -> str:
+    """A table's note as printed: ``note (...)``; the calibration footnote (``† ...``) verbatim."""
+    return note if note.startswith(DAGGER) else f"{word} ({note})"
+
+
+def _more_tables(summary: pd.DataFrame, records: Sequence[RunRecord] | None) -> list[tuple[str, Any, list]]:
+    """(title, text frame, notes) of the paper-shaped tables, then of the paired comparisons (``records``)."""
+    out = [(t, tab, calib_footnotes(tab)) for t, tab in paper_tables(summary, as_text=True)]
+    if records:
+        out += paired_tables(records, metrics=metric_columns(summary), as_text=True)
+    return out
+
+
+def _markdown_report(summary: pd.DataFrame, records: Sequence[RunRecord] | None = None) -> str:
     parts = ["# quantlab report\n"]
     for name, rows, notes in _experiment_tables(summary):
         parts += [f"\n## {name or '(no experiment)'}\n", f"\n{_caption(rows)}\n\n", render_markdown(rows)]
-        parts += [f"\nNote ({n})\n" for n in notes]
-    for title, tab in paper_tables(summary, as_text=True):
+        parts += [f"\n{_note(n, 'Note')}\n" for n in notes]
+    for title, tab, notes in _more_tables(summary, records):
         parts += [f"\n## {title}\n\n", render_markdown(tab)]
+        parts += [f"\n{_note(n, 'Note')}\n" for n in notes]
     parts.append("\n`peak_rss_gb` is the peak RSS of the whole process (in a multirun it includes earlier jobs).\n")
     return "".join(parts)
 
@@ -265,13 +290,14 @@ def _rich_table(name: str, rows: pd.DataFrame):
     return table, width
 
 
-def print_tables(summary: pd.DataFrame, console=None) -> None:
-    """Print one rich table per experiment of a :func:`summary_table` frame."""
+def print_tables(summary: pd.DataFrame, console=None, records: Sequence[RunRecord] | None = None) -> None:
+    """Print one rich table per experiment of a :func:`summary_table` frame, then the paper-shaped tables
+    and, when the ``records`` are given, the paired comparisons vs the fp baseline."""
     from rich.console import Console
 
     console = console or Console()
-    for name, rows, notes in _experiment_tables(summary):
-        table, width = _rich_table(name, rows)
+    for title, rows, notes in [*_experiment_tables(summary), *_more_tables(summary, records)]:
+        table, width = _rich_table(title, rows)
         # Print at the table's natural width even on a narrow/non-tty console: rich would otherwise
         # squeeze or crop columns, and a cropped status or metric column is worse than a long line.
         saved = console.width
@@ -279,15 +305,7 @@ def print_tables(summary: pd.DataFrame, console=None) -> None:
         try:
             console.print(table, crop=False)
             for note in notes:
-                console.print(f"note ({note})", soft_wrap=True)
-        finally:
-            console.width = saved
-    for title, tab in paper_tables(summary, as_text=True):
-        table, width = _rich_table(title, tab)
-        saved = console.width
-        console.width = max(width, saved)
-        try:
-            console.print(table, crop=False)
+                console.print(_note(note), soft_wrap=True, markup=False, highlight=False)
         finally:
             console.width = saved
 
@@ -298,12 +316,13 @@ def print_summary(root: Path, console=None, metrics: Sequence[str] | None = None
     Returns:
         The summary frame (empty when ``root`` holds no records; nothing is printed then).
     """
-    df = to_frame(collect(Path(root)))
+    records = collect(Path(root))
+    df = to_frame(records)
     if df.empty:
         logger.info("no run records below %s", root)
         return df
     summary = summary_table(df, metrics)
-    print_tables(summary, console)
+    print_tables(summary, console, records)
     return summary
 
 
@@ -323,9 +342,11 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None = None) -> list[Path]:
-    """Write ``report.csv`` (full flat frame), ``report.md`` (summary), ``report.parquet`` (if pyarrow)
-    and the sampling-study plots (PNG, one per experiment/model/axis, when runs have sweeps).
+def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None = None,
+                  records: Sequence[RunRecord] | None = None) -> list[Path]:
+    """Write ``report.csv`` (full flat frame), ``report.md`` (the printed tables; the paired comparisons
+    when ``records`` are given), ``report.parquet`` (if pyarrow) and the sampling-study plots (PNG, one
+    per experiment/model/axis, when runs have sweeps).
 
     Returns:
         The paths actually written.
@@ -334,7 +355,7 @@ def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.csv", out_dir / "report.md"]
     write_text_atomic(written[0], df.to_csv(index=False))
-    write_text_atomic(written[1], _markdown_report(summary_table(df, metrics)))
+    write_text_atomic(written[1], _markdown_report(summary_table(df, metrics), records))
     if importlib.util.find_spec("pyarrow") is not None and _write_parquet(df, out_dir / "report.parquet"):
         written.append(out_dir / "report.parquet")
     written += sampling_plots(summary_table(df, metrics), out_dir)
@@ -373,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"quantlab.report: --metrics: {exc}\n")
         return 2
     console = Console()
-    print_tables(summary, console)
-    for path in write_outputs(df, Path(args.out) if args.out else root, metrics):
+    print_tables(summary, console, records)
+    for path in write_outputs(df, Path(args.out) if args.out else root, metrics, records):
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
     return 0
