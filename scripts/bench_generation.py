@@ -13,7 +13,7 @@ not the bf16 release. Run it alone: on a 2-core machine any other process skews 
 
     python scripts/bench_generation.py                         # 164 problems, max 512 new tokens
     python scripts/bench_generation.py --limit 40 --max-new-tokens 256
-    python scripts/bench_generation.py --prompt-style chat --skip-single      # instruct-style prompts
+    python scripts/bench_generation.py --protocol instruct --skip-single      # EvalPlus-style instruct prompts
 """
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def pass_at_1(ev: Any, problems: list[Any], completions: list[Any], workers: int
     from quantlab.execution import Sandbox
 
     sandbox = Sandbox(workers=workers)
-    results = sandbox.run_many([ev.program(p, c[0].text) for p, c in zip(problems, completions)], desc="sandbox")
+    proto = ev.prompt_protocol()
+    tested = [proto.completion(p, c[0])[0] for p, c in zip(problems, completions)]
+    results = sandbox.run_many([ev.program(p, t) for p, t in zip(problems, tested)], desc="sandbox")
     verdicts = [p.judge(r) for p, r in zip(problems, results)]
     return sum(v.passed for v in verdicts) / len(verdicts), dict(Counter(v.status for v in verdicts))
 
@@ -50,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--skip-single", action="store_true", help="skip the one-at-a-time arm")
-    ap.add_argument("--prompt-style", default="plain", choices=["plain", "chat"],
-                    help="chat: SmolLM2-Instruct's chat template + instruction (the completion still continues the prompt)")
+    ap.add_argument("--protocol", default="plain", choices=["plain", "chat", "instruct", "sqplus"],
+                    help="prompt protocol (quantlab.evals.code.protocols); instruct: EvalPlus's chat prompt")
     ap.add_argument("--out", default=str(REPO / "results" / "bench" / "generation.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -70,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(ModelConfig(name="smollm2_135m", source="smollm2_gguf", dtype="float32", device="cpu"))
     model, tok = loaded.model, loaded.tokenizer
     ev = HumanEvalEval(name="humaneval", limit=args.limit, max_new_tokens=args.max_new_tokens,
-                       prompt_style=args.prompt_style)
+                       protocol=args.protocol)
     problems, _ = ev.load_problems()
     problems = ev.select(problems)
     requests = [ev.request(p, tok) for p in problems]
     cfg = DecodingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, backend="hf")
-    row: dict[str, Any] = {"n_problems": len(problems), "prompt_style": args.prompt_style,
+    row: dict[str, Any] = {"n_problems": len(problems), "protocol": args.protocol,
                            "max_new_tokens": args.max_new_tokens,
                            "batch_size": args.batch_size, "threads": torch.get_num_threads()}
 

@@ -203,7 +203,10 @@ def test_real_generation_on_the_tiny_model(tmp_path, monkeypatch, tiny):
 @pytest.mark.parametrize(
     "kwargs, key",
     [({"k": [0]}, "eval.humaneval.k"), ({"limit": 0}, "eval.humaneval.limit"),
-     ({"prompt_style": "fancy"}, "eval.humaneval.prompt_style"), ({"n_samples": 3}, "eval.humaneval.n_samples"),
+     ({"protocol": "fancy"}, "eval.humaneval.protocol"),
+     ({"protocol": "plain", "instruction": "x"}, "eval.humaneval.instruction"),
+     ({"protocol": "chat", "response_prefix": "x"}, "eval.humaneval.response_prefix"),
+     ({"n_samples": 3}, "eval.humaneval.n_samples"),
      ({"temperature": -1.0}, "eval.humaneval.temperature"), ({"workers": 0}, "eval.humaneval.workers"),
      ({"stop": [""]}, "eval.humaneval.stop")],
 )
@@ -213,12 +216,13 @@ def test_config_errors_name_the_key(kwargs, key):
     assert e.value.key == key
 
 
-def test_chat_style_needs_a_template_and_keeps_the_prompt_at_the_end(tiny):
+def test_chat_protocol_needs_a_template_and_keeps_the_prompt_at_the_end(tiny):
     _, tok = tiny
-    with pytest.raises(ConfigError, match="chat template"):
-        HumanEvalEval(name="humaneval", prompt_style="chat").request(PROBLEMS[0], tok)
+    with pytest.raises(ConfigError, match="chat template") as e:
+        HumanEvalEval(name="humaneval", protocol="chat").request(PROBLEMS[0], tok)
+    assert e.value.key == "eval.humaneval.protocol"
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
-    req = HumanEvalEval(name="humaneval", prompt_style="chat").request(PROBLEMS[0], tok)
+    req = HumanEvalEval(name="humaneval", protocol="chat").request(PROBLEMS[0], tok)
     assert req.prompt.startswith("<|user|>Complete the following Python code")
     assert req.prompt.endswith("<|assistant|>```python\n" + PROBLEMS[0].prompt)
     assert "```" in req.stop and not req.add_special_tokens

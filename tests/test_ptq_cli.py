@@ -59,8 +59,9 @@ def test_missing_artifact_file_is_a_clear_error(tmp_path):
 
 def test_sqplus_alpha_sweep_and_search_curve(tmp_path):
     """The preset's alpha sweep (on the tiny model) gives one run per alpha; the search records its curve."""
-    args = ["-m", "+exp=sqplus_smollm2", "model=tiny_llama", "calib=random_8x64", "eval=[ppl_local,layer_error]",
-            "eval.ppl_local.max_windows=2", "quantizer.format.group_size=32", "quantizer.alpha=0.0,0.5,1.0"]
+    args = ["-m", "+exp=sqplus_smollm2", "quantizer=smoothquant_plus", "model=tiny_llama", "calib=random_8x64",
+            "eval=[ppl_local,layer_error]", "eval.ppl_local.max_windows=2", "quantizer.format.group_size=32",
+            "quantizer.alpha=0.0,0.5,1.0"]
     proc = _cli(args, tmp_path / "sweep")
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = _records(tmp_path / "sweep" / "results")
@@ -87,11 +88,26 @@ def test_paper_presets_compose(exp):
     cfg = compose([f"+exp={exp}"])
     assert cfg.model.hub_id.startswith("codellama/CodeLlama-")
     assert cfg.quantizer.format.group_size == 128 and cfg.quantizer.format.symmetric is False
-    assert cfg.calib.source == "humaneval"
+    assert cfg.calib.source == "humaneval" and cfg.calib.sampling == "documents"  # SmoothQuant+'s own set
+    assert list(cfg.eval) == ["humaneval"] and cfg.eval.humaneval.protocol == "sqplus"
     assert cfg.experiment == exp
+    # every method of the sweep gets its own paper's calibration; GPTQ keeps its zero convention
+    awq = compose([f"+exp={exp}", "quantizer=awq"])
+    assert awq.calib.source == "pile" and awq.calib.n_samples == 128 and awq.calib.seqlen == 512
+    gptq = compose([f"+exp={exp}", "quantizer=gptq"])
+    assert gptq.calib.source == "c4" and gptq.quantizer.format.zero_in_range is True
+    assert gptq.quantizer.format.group_size == 128
 
 
 def test_smollm2_preset_uses_group_size_64():
     cfg = compose(["+exp=sqplus_smollm2"])
     assert cfg.quantizer.format.group_size == 64 and cfg.quantizer.alpha is None
     assert cfg.model.name == "smollm2_135m"
+    assert list(cfg.eval) == ["humaneval", "ppl_local"] and cfg.eval.humaneval.protocol == "instruct"
+    # per-method calibration: SmoothQuant+ on the HumanEval prompts, GPTQ/AWQ on disjoint stdlib text
+    assert cfg.calib.source == "humaneval" and cfg.calib.sampling == "documents"
+    for method in ("gptq", "awq"):
+        c = compose(["+exp=sqplus_smollm2", f"quantizer={method}"])
+        assert c.calib.source == "local" and c.calib.path == "stdlib_calib"
+    assert compose(["+exp=sqplus_smollm2", "quantizer=gptq"]).quantizer.format.zero_in_range is True
+    assert compose(["+exp=sqplus_smollm2", "quantizer=awq", "calib=random_8x64"]).calib.source == "random"

@@ -180,6 +180,15 @@ class PerplexityEval(Evaluator):
     def _key(self, field_name: str) -> str:
         return f"eval.{self.name or 'perplexity'}.{field_name}"
 
+    def calibration_overlap(self, calib: dict[str, Any]) -> bool:
+        """The calibration text is this evaluation's text: the same hub dataset and split, or the same local
+        path (quantlab's offline defaults calibrate on ``stdlib_calib``, disjoint from ``stdlib``)."""
+        if calib.get("name") != self.dataset:
+            return False
+        if self.dataset == "local":
+            return calib.get("path") == self.path
+        return calib.get("split") == self.split
+
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ConfigError(

@@ -41,6 +41,9 @@ class ModelConfig:
         device_map: passed to ``from_pretrained`` (e.g. ``auto`` to shard a 70B model); overrides device.
         trust_remote_code: passed to ``from_pretrained``.
         note: caveat recorded with every metric of this model (e.g. dequantized GGUF weights).
+        code_protocol: the code evaluators' default prompt protocol for this model (``plain`` for base
+            models, ``instruct`` for chat/instruct models; see :mod:`quantlab.evals.code.protocols`);
+            the eval configs read it as ``${model.code_protocol}``.
         tiny: keyword arguments of :func:`build_tiny_llama` (``tiny`` source).
     """
 
@@ -54,6 +57,7 @@ class ModelConfig:
     device_map: str | None = None
     trust_remote_code: bool = False
     note: str = ""
+    code_protocol: str = "plain"
     tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -50,6 +50,9 @@ class MultilingualCodeEval(CodeEval):
         if not self.languages or bad:
             raise ConfigError(f"{key}.languages", f"unknown {bad or 'empty list'}; choose from {list(LANGUAGES)}")
         super().__post_init__()
+        protocol = self.prompt_protocol()
+        for lang in self.languages:  # instruct / sqplus are HumanEval (Python) protocols
+            protocol.check_language(lang)
 
     def load_problems(self) -> tuple[list[CodeProblem], dict[str, Any]]:
         if self.format == "babelcode":

@@ -1,9 +1,11 @@
 """Code-generation evaluation, written once for every dataset: generate -> sandbox -> pass@k.
 
-Flow of :meth:`CodeEval.run`: load the problems (subclass), build one prompt per problem (as-is,
-or wrapped in the model's chat template for instruct models), generate the missing completions
-(batched, resumable), run every not-yet-judged completion in the sandbox in parallel, judge it,
-and report unbiased pass@k per language and overall. Completions and outcomes are appended to a
+Flow of :meth:`CodeEval.run`: load the problems (subclass), build one prompt per problem under the
+chosen prompt protocol (:mod:`quantlab.evals.code.protocols`: ``plain``, ``chat``, ``instruct``,
+``sqplus``), generate the missing completions (batched, resumable), turn each reply into the tested
+completion (the protocol's post-processing), run every not-yet-judged one in the sandbox in
+parallel, judge it, and report unbiased pass@k per language and overall, with the per-problem
+pass@k in ``EvalResult.per_item`` (paired comparisons between methods). Completions and outcomes are appended to a
 :class:`~quantlab.evals.code.store.SampleStore` as they finish; the store lives under
 ``<results>/cache/code_eval/<fingerprint>`` when the harness provides a run fingerprint (same
 model + method + settings + quantlab source), so rerunning the same command resumes, and a copy of
@@ -24,6 +26,7 @@ from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
 from quantlab.evals.code.passk import pass_at_k, usable_ks
 from quantlab.evals.code.problem import CodeProblem, Verdict
+from quantlab.evals.code.protocols import PROTOCOLS, PromptProtocol, SqPlus, make_protocol
 from quantlab.evals.code.store import SampleStore
 from quantlab.execution import Program, Sandbox
 from quantlab.execution.sandbox import ISOLATIONS
@@ -37,10 +40,6 @@ from quantlab.utils.paths import results_root
 log = logging.getLogger(__name__)
 
 HARNESS = "quantlab.code_eval"
-PROMPT_STYLES: tuple[str, ...] = ("plain", "chat")
-LANGUAGE_NAMES = {"python": "Python", "java": "Java", "go": "Go", "cpp": "C++"}
-FENCE = {"python": "python", "java": "java", "go": "go", "cpp": "cpp"}
-DEFAULT_INSTRUCTION = "Complete the following {language} code. Reply with the completed code only."
 EXEC_CHUNK = 64  # outcomes are persisted every EXEC_CHUNK programs
 
 
@@ -49,17 +48,20 @@ class CodeEval(Evaluator):
     """Shared settings of the code benchmarks (HumanEval, BabelCode, MultiPL-E).
 
     Attributes:
-        do_sample, temperature, top_k, top_p, n_samples, max_new_tokens, batch_size, backend:
-            decoding (:class:`~quantlab.generation.DecodingConfig`); default greedy pass@1 as in
-            the SmoothQuant+ paper.
+        do_sample, temperature, top_k, top_p, n_samples, batch_size, backend: decoding
+            (:class:`~quantlab.generation.DecodingConfig`); default greedy pass@1 as in the
+            SmoothQuant+ paper.
+        max_new_tokens: generation budget; ``None`` = the protocol's (plain/chat 512, instruct 768
+            as EvalPlus, sqplus 2048 as the paper).
         seed: sampling seed (``None``: the run's seed).
         k: pass@k values to report; those larger than ``n_samples`` are dropped.
         stop: stop sequences replacing the dataset's (``None``: the dataset's per-language ones).
         limit: evaluate only the first ``limit`` problems (quick runs; recorded).
-        prompt_style: ``plain`` (prompt as-is, for base models) or ``chat`` (the prompt inside the
-            tokenizer's chat template after ``instruction``; the assistant turn starts with a code
-            fence and the prompt, so completions still continue the prompt; a closing fence stops).
-        instruction: the instruction of ``chat`` style (``{language}`` is filled in).
+        protocol: ``plain`` | ``chat`` | ``instruct`` | ``sqplus``
+            (:mod:`quantlab.evals.code.protocols`); recorded with every metric.
+        instruction: ``chat``'s instruction (``{language}`` is filled in) or ``instruct``'s
+            instruction prefix; ``None`` = the protocol's default.
+        response_prefix: ``instruct``'s pre-filled start of the reply; ``None`` = EvalPlus's.
         workers: parallel sandboxed programs.
         isolation: sandbox isolation (``auto`` / ``bwrap`` / ``none``), see :mod:`quantlab.execution`.
         timeout_s: wall-clock limit of each program's run step (``None``: the toolchain default);
@@ -73,15 +75,16 @@ class CodeEval(Evaluator):
     top_k: int = 0
     top_p: float = 0.95
     n_samples: int = 1
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None
     batch_size: int = 16
     backend: str = "auto"
     seed: int | None = None
     k: tuple[int, ...] = (1, 10, 100)
     stop: tuple[str, ...] | None = None
     limit: int | None = None
-    prompt_style: str = "plain"
-    instruction: str = DEFAULT_INSTRUCTION
+    protocol: str = "plain"
+    instruction: str | None = None
+    response_prefix: str | None = None
     workers: int = 4
     isolation: str = "auto"
     timeout_s: float | None = None
@@ -100,8 +103,9 @@ class CodeEval(Evaluator):
             raise ConfigError(f"{key}.k", f"must be a list of integers >= 1, got {self.k!r}")
         if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
             raise ConfigError(f"{key}.limit", f"must be an integer >= 1 or null, got {self.limit!r}")
-        if self.prompt_style not in PROMPT_STYLES:
-            raise ConfigError(f"{key}.prompt_style", f"must be one of {list(PROMPT_STYLES)}, got {self.prompt_style!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"{key}.protocol", f"must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        self.prompt_protocol()  # validates instruction / response_prefix against the protocol
         if not is_int(self.workers) or self.workers < 1:
             raise ConfigError(f"{key}.workers", f"must be an integer >= 1, got {self.workers!r}")
         if self.isolation not in ISOLATIONS:
@@ -136,28 +140,32 @@ class CodeEval(Evaluator):
             raise ConfigError(f"eval.{self.name}", "no problems to evaluate")
 
     # --- building blocks ---------------------------------------------------------------------------
+    def prompt_protocol(self) -> PromptProtocol:
+        return make_protocol(self.protocol, f"eval.{self.name or self.kind}", self.instruction, self.response_prefix)
+
+    def check_model(self, model: nn.Module, tokenizer: Any) -> None:
+        """Before quantizing: the protocol works with this tokenizer (e.g. instruct needs a chat template)."""
+        problems, _ = self.load_problems()
+        for p in self.select(problems)[:1]:
+            self.request(p, tokenizer)
+
+    def calibration_overlap(self, calib: dict[str, Any]) -> bool:
+        """HumanEval, BabelCode and MultiPL-E all pose the HumanEval problems: a calibration set of the
+        HumanEval prompts (SmoothQuant+'s) is drawn from this evaluation's own items."""
+        return calib.get("name") == "humaneval"
+
     def decoding(self, run_seed: int) -> DecodingConfig:
+        budget = self.max_new_tokens if self.max_new_tokens is not None else self.prompt_protocol().default_max_new_tokens
         return DecodingConfig(
             do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            n=self.n_samples, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+            n=self.n_samples, max_new_tokens=budget, batch_size=self.batch_size,
             seed=self.seed if self.seed is not None else run_seed, backend=self.backend,
             key=f"eval.{self.name or self.kind}",
         )
 
     def request(self, problem: CodeProblem, tokenizer: Any) -> GenRequest:
-        """The generation request of one problem (prompt style and stop sequences applied)."""
-        stop = tuple(self.stop) if self.stop is not None else tuple(problem.stop)
-        if self.prompt_style == "plain":
-            return GenRequest(problem.prompt, stop)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"eval.{self.name}.prompt_style", "chat needs a tokenizer with a chat template")
-        lang = problem.language
-        text = self.instruction.format(language=LANGUAGE_NAMES.get(lang, lang))
-        fence = FENCE.get(lang, lang)
-        messages = [{"role": "user", "content": f"{text}\n```{fence}\n{problem.prompt}```"}]
-        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the prompt ends inside a code fence: the model closing it ("```", also at the very start) ends the code
-        return GenRequest(f"{head}```{fence}\n{problem.prompt}", (*stop, "```"), add_special_tokens=False)
+        """The generation request of one problem under the protocol (``stop`` replaces its stops)."""
+        return self.prompt_protocol().request(problem, tokenizer, tuple(self.stop) if self.stop is not None else None)
 
     def program(self, problem: CodeProblem, completion: str) -> Program:
         """``problem.program`` with this eval's run-step timeout (wall clock and CPU) applied."""
@@ -180,24 +188,31 @@ class CodeEval(Evaluator):
         if not problems:
             raise ConfigError(f"eval.{self.name}", "no problems to evaluate")
         decoding = self.decoding(ctx.seed)
+        protocol = self.prompt_protocol()
         requests = [self.request(p, tokenizer) for p in problems]
+        deviations = (protocol.deviations(decoding.do_sample, decoding.max_new_tokens, self.stop)
+                      if isinstance(protocol, SqPlus) else [])
+        if deviations:
+            log.warning("%s: protocol sqplus with settings that differ from the paper's harness: %s",
+                        self.name, "; ".join(deviations))
         # batch size does not change completions (tested): a rerun with another one still resumes
         meta = {
             "eval": self.kind, "decoding": {k: v for k, v in decoding.describe().items() if k != "batch_size"},
-            "prompt_style": self.prompt_style,
-            "instruction": self.instruction if self.prompt_style == "chat" else None,
+            "protocol": protocol.describe(),
         }
         store = self._store(ctx, meta)
         completions, gen_stats = self._generate(model, tokenizer, problems, requests, decoding, store)
         sandbox = self.sandbox()
-        verdicts, outcome_rows = self._execute(sandbox, problems, completions, store)
+        verdicts, outcome_rows = self._execute(sandbox, problems, completions, store, protocol)
         store.export(ctx.output_dir / self.name, {p.task_id: completions[p.task_id] for p in problems}, outcome_rows)
         prov = {
             "harness": HARNESS, "dataset": {**data_prov, "n_problems_total": n_total, "limit": self.limit},
             "n_problems": len(problems), "n_samples": decoding.n, **decoding.describe(),
-            "stop": sorted({s for r in requests for s in r.stop}), "prompt_style": self.prompt_style,
-            "instruction": meta["instruction"], "sandbox": sandbox.describe(), "run_timeout_s": self.timeout_s,
+            "stop": sorted({s for r in requests for s in r.stop}), "protocol": protocol.name,
+            "protocol_spec": protocol.describe(), "protocol_deviations": deviations,
+            "sandbox": sandbox.describe(), "run_timeout_s": self.timeout_s,
             "generation": gen_stats, "outcomes": dict(Counter(r["status"] for r in outcome_rows)),
+            "finish_reasons": dict(Counter(c.finish_reason for p in problems for c in completions[p.task_id])),
             "store": str(store.dir),
         }
         return self._aggregate(problems, verdicts, decoding.n, prov)
@@ -228,29 +243,33 @@ class CodeEval(Evaluator):
 
     def _execute(
         self, sandbox: Sandbox, problems: list[CodeProblem], completions: dict[str, list[Completion]],
-        store: SampleStore,
+        store: SampleStore, protocol: PromptProtocol,
     ) -> tuple[dict[str, list[Verdict]], list[dict[str, Any]]]:
-        exec_key = fingerprint({"sandbox": sandbox.describe(), "run_timeout_s": self.timeout_s})
+        exec_key = fingerprint({"sandbox": sandbox.describe(), "run_timeout_s": self.timeout_s,
+                                "protocol": protocol.describe()})
         cached = store.load_outcomes()
         rows: dict[str, dict[str, Any]] = {}
-        jobs: list[tuple[str, CodeProblem, int, str]] = []
+        jobs: list[tuple[str, CodeProblem, int, str, str]] = []
         for p in problems:
             for s, c in enumerate(completions[p.task_id]):
                 key = store.outcome_key(p.task_id, s, c.text, exec_key)
                 if key in cached:
                     rows[key] = cached[key]
                 else:
-                    jobs.append((key, p, s, c.text))
+                    text, note = protocol.completion(p, c)
+                    jobs.append((key, p, s, text, note))
         if cached and len(jobs) < sum(len(completions[p.task_id]) for p in problems):
             log.info("%s: %d outcomes reused from %s", self.name, len(rows), store.dir)
         for start in range(0, len(jobs), EXEC_CHUNK):
             chunk = jobs[start : start + EXEC_CHUNK]
-            results = sandbox.run_many([self.program(p, text) for _, p, _, text in chunk])
+            results = sandbox.run_many([self.program(p, text) for _, p, _, text, _ in chunk])
             new = []
-            for (key, p, s, _), res in zip(chunk, results):
+            for (key, p, s, text, note), res in zip(chunk, results):
                 v = p.judge(res)
                 row = {"key": key, "task_id": p.task_id, "language": p.language, "sample": s,
                        "status": v.status, "error": v.error, "wall_s": round(sum(x.wall_s for x in res.steps), 3)}
+                if note:  # the protocol post-processed the reply: keep what was tested, and how
+                    row.update(tested_completion=text, post_processing=note)
                 rows[key] = row
                 new.append(row)
             store.append_outcomes(new)
@@ -283,9 +302,10 @@ class CodeEval(Evaluator):
         for group, members in groups.items():
             prefix = f"{self.name}/{group}" if group else self.name
             for k in ks:
-                val = float(np.mean([pass_at_k(len(verdicts[p.task_id]), sum(v.passed for v in verdicts[p.task_id]), k)
-                                     for p in members]))
-                res.metrics[f"{prefix}/pass@{k}"] = val
+                per = {p.task_id: pass_at_k(len(verdicts[p.task_id]), sum(v.passed for v in verdicts[p.task_id]), k)
+                       for p in members}
+                res.metrics[f"{prefix}/pass@{k}"] = float(np.mean(list(per.values())))
+                res.per_item[f"{prefix}/pass@{k}"] = per  # paired comparisons between runs (report)
                 res.provenance[f"{prefix}/pass@{k}"] = {**prov, "language": group or members[0].language,
                                                         "n_problems": len(members), "k": k}
         if self.per_language:
