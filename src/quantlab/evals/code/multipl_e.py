@@ -3,7 +3,9 @@
 A row (``name, language, prompt, doctests, original, prompt_terminology, tests, stop_tokens``) is
 judged on ``prompt + completion + "\\n" + tests`` (bigcode ``multiple_metrics/evaluation.py``): the
 tests close the function (and Java's class) and assert the results; the program passes iff it exits
-with code 0. Per language, as MultiPL-E's ``evaluation/src/eval_*.py``:
+with code 0 *and* its tests ran to the end: every program is guarded by a completion token
+(:mod:`quantlab.execution.sentinel`), so a completion that calls ``exit(0)`` fails, where MultiPL-E
+would call it ``OK``. Per language, as MultiPL-E's ``evaluation/src/eval_*.py``:
 
 * Python (``py``): ``python file.py``.
 * C++ (``cpp``): ``g++ -std=c++17`` then the binary (``eval_cpp.py``).
@@ -14,9 +16,10 @@ with code 0. Per language, as MultiPL-E's ``evaluation/src/eval_*.py``:
   same. Without a jar the unused import is removed (a wildcard import of a package no name is taken
   from changes nothing), so only problems that really use javatuples fail, as compile errors whose
   message says that the jar is missing.
-* Go (``go_test.go``): ``go test`` on a ``*_test.go`` file (``eval_go.py``; 30 s). The sandbox's Go
-  toolchain builds and runs a ``main`` package, so the step is built here from its environment and
-  limits, with ``-count=1`` so no cached result is ever reported.
+* Go (``go_test.go``): ``go test`` on a ``*_test.go`` file (``eval_go.py``; 30 s), here split into
+  ``go test -c`` (the compile step, under the toolchain's compile limits) and a run of the test binary
+  (30 s): the token must not exist while compiling (``//go:embed`` could read it), and ``go test``
+  with a file list hides the stdout of passing tests. Build failures are compile errors as before.
 
 Timeouts: MultiPL-E's ``safe_subprocess`` default of 15 s per command, 30 s for Go.
 """
@@ -25,12 +28,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantlab.errors import DataError
-from quantlab.evals.code.babelcode import head_tail, timeout_limits
+from quantlab.evals.code.babelcode import EARLY_EXIT, head_tail, timeout_limits
 from quantlab.evals.code.problem import Verdict, iter_rows, take_per_language, wanted_languages
 
 if TYPE_CHECKING:
@@ -94,26 +97,18 @@ class MultiPLEProblem:
         return code
 
     def program(self, completion: str) -> Program:
-        """The sandbox program for ``completion`` (see the module docstring for the commands).
+        """The guarded sandbox program for ``completion`` (see the module docstring for the commands).
 
         The toolchains already run Java as MultiPL-E does (``-encoding UTF-8``, ``-ea``, ``.jar`` extra
-        files on the class path); Go's single ``go test`` step is built here from the Go toolchain's
-        program (its ``go`` binary, environment and compile limits).
+        files on the class path) and build a ``*_test.go`` source with ``go test -c``.
         """
-        from quantlab.execution import Step, get_toolchain
+        from quantlab.execution import get_toolchain
 
         toolchain = get_toolchain(self.language)
-        source = self.source(completion)
-        if self.language == "java":
-            return toolchain.program(source, extra_files=self._jar_files(), source_name="Problem.java",
-                                     limits=timeout_limits(toolchain.limits, self.timeout))
-        if self.language == "go":
-            base = toolchain.program(source, source_name=_GO_TEST_FILE)
-            build = next(s for s in base.steps if s.name == "compile")
-            step = Step((build.argv[0], "test", "-count=1", _GO_TEST_FILE), name="run",
-                        limits=timeout_limits(build.limits, self.timeout))
-            return replace(base, steps=(step,))
-        return toolchain.program(source, limits=timeout_limits(toolchain.limits, self.timeout))
+        names = {"java": "Problem.java", "go": _GO_TEST_FILE}
+        jars = self._jar_files() if self.language == "java" else None
+        return toolchain.program(self.source(completion), extra_files=jars, source_name=names.get(self.language),
+                                 limits=timeout_limits(toolchain.limits, self.timeout), completion_token=True)
 
     def _jar_files(self) -> dict[str, bytes] | None:
         if not self.javatuples_jar:
@@ -124,13 +119,15 @@ class MultiPLEProblem:
         return {JAVATUPLES_JAR_NAME: path.read_bytes()}
 
     def judge(self, result: ProgramResult) -> Verdict:
-        """Passed iff every step exited 0 (MultiPL-E ``OK``); else a short reason."""
+        """Passed iff every step exited 0 (MultiPL-E ``OK``) and the tests ran to the end (the token)."""
         if result.timed_out:
             return Verdict("timed_out", f"step '{result.last.name}' timed out")
-        if result.ok:
+        if result.passed:
             return Verdict("passed")
         last = result.last
         out = (last.stdout + "\n" + last.stderr).strip()
+        if result.ok:  # exit status 0, but the tests never finished
+            return Verdict("failed", EARLY_EXIT + (f": {head_tail(out)}" if out else ""))
         if last.name != "run" or "[build failed]" in last.stdout or "[setup failed]" in last.stdout:
             where = "" if last.name == "compile" else f" ({' '.join(last.argv[1:2]) or last.name})"
             msg = f"compile error{where}: {head_tail(last.stderr.strip() or out)}"
