@@ -76,6 +76,23 @@ def random_calib(n: int = 8, t: int = 64, seed: int = 0):
     return CalibData(tokens=tokens, name="random", n_samples=n, seqlen=t, seed=seed, sha256=tokens_sha256(tokens))
 
 
+def as_sequences(calib):
+    """The same rows as variable-length calibration data (a tuple of 1-D tensors)."""
+    from quantlab.types import CalibData, tokens_sha256
+
+    seqs = tuple(calib.tokens)
+    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
+
+
+def varlen_calib(lengths, seed: int = 5):
+    """Variable-length calibration data: one seeded random byte-token sequence per length."""
+    from quantlab.types import CalibData, tokens_sha256
+
+    g = torch.Generator().manual_seed(seed)
+    seqs = tuple(torch.randint(0, 256, (n,), generator=g) for n in lengths)
+    return CalibData(seqs, "random", len(seqs), max(lengths), seed, tokens_sha256(seqs))
+
+
 def cpu_ctx(tmp_path: Path, keep: bool = False):
     """A CPU RunContext writing below ``tmp_path`` (``keep``: ask for reference weights)."""
     from quantlab.types import RunContext

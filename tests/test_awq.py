@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import as_sequences as _as_sequences
 from conftest import random_calib as _calib
+from conftest import varlen_calib as _varlen_calib
 
 from quantlab.algorithms import awq as A
 from quantlab.algorithms.smoothing import fold_scales
@@ -16,7 +18,6 @@ from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.awq import AWQConfig, AWQQuantizer, search_sequences
 from quantlab.quantizers.rtn import RTNConfig, RTNQuantizer
-from quantlab.types import CalibData, tokens_sha256
 
 FMT = QuantFormat(bits=4, group_size=32)  # asymmetric min/max, zero point (the AWQ convention)
 VO = "self_attn.v_proj->o_proj"
@@ -250,15 +251,6 @@ def test_lm_head_cannot_be_selected():
 
 
 # ---------------------------------------------------------------- variable-length calibration data
-def _as_sequences(calib):
-    seqs = tuple(calib.tokens)
-    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
-
-
-def _varlen_calib(lengths, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    seqs = tuple(torch.randint(0, 256, (n,), generator=g) for n in lengths)
-    return CalibData(seqs, "random", len(seqs), max(lengths), seed, tokens_sha256(seqs))
 
 
 @pytest.mark.parametrize("search_tokens", [None, 128])

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import as_sequences as _as_sequences
 from conftest import random_calib as _calib
+from conftest import varlen_calib as _varlen_calib
 
 from quantlab.algorithms.gptq import HessianAccumulator, dequantize_gidx, gptq_quantize_weight
 from quantlab.errors import ConfigError, DataError
@@ -14,7 +16,6 @@ from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.gptq import GPTQConfig, GPTQQuantizer
-from quantlab.types import CalibData, tokens_sha256
 
 F64 = torch.float64
 
@@ -316,16 +317,6 @@ def test_config_defaults_follow_the_gptq_convention():
 
 
 # ------------------------------------------------------------------ variable-length calibration data
-def _as_sequences(calib):
-    """The same rows as variable-length data (a tuple of 1-D tensors)."""
-    seqs = tuple(calib.tokens)
-    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
-
-
-def _varlen_calib(lengths, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    seqs = tuple(torch.randint(0, 256, (n,), generator=g) for n in lengths)
-    return CalibData(seqs, "random", len(seqs), max(lengths), seed, tokens_sha256(seqs))
 
 
 @pytest.mark.parametrize("kw", [{}, {"batch_size": 3}, {"true_sequential": False}], ids=["one_chunk", "chunks", "not_seq"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import as_sequences as _as_sequences
 from conftest import random_calib as _calib
 
 from quantlab.calib.stats import collect_group_absmax, group_key
@@ -20,7 +21,6 @@ from quantlab.nn.act_quant import (
 )
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.smoothquant import SmoothQuantConfig, SmoothQuantQuantizer, norm_groups
-from quantlab.types import CalibData, tokens_sha256
 
 CPU = torch.device("cpu")
 GROUP_QKV = "input_layernorm->q_proj,k_proj,v_proj"
@@ -149,10 +149,6 @@ def test_lm_head_target_is_refused_and_calib_required(tmp_path):
 
 
 # ------------------------------------------------------------------ variable-length calibration data
-def _as_sequences(calib):
-    seqs = tuple(calib.tokens)
-    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
-
 
 def test_equal_length_sequences_match_the_tensor_path(tmp_path):
     model, _ = build_tiny_llama()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cpu_ctx as _ctx  # noqa: E402,I001
+from conftest import as_sequences as _as_sequences
 from conftest import random_calib as _calib
 
 from quantlab.algorithms import alpha_search as AS
@@ -229,10 +230,6 @@ def test_config_grid_and_defaults():
 
 
 # ------------------------------------------------------------------ variable-length calibration data
-def _as_sequences(calib):
-    seqs = tuple(calib.tokens)
-    return CalibData(seqs, calib.name, calib.n_samples, calib.seqlen, calib.seed, tokens_sha256(seqs))
-
 
 def test_equal_length_sequences_match_the_tensor_path():
     fp, _ = build_tiny_llama()
