@@ -43,7 +43,7 @@ class ModelConfig:
         note: caveat recorded with every metric of this model (e.g. dequantized GGUF weights).
         code_protocol: the code evaluators' default prompt protocol for this model (``plain`` for base
             models, ``instruct`` for chat/instruct models; see :mod:`quantlab.evals.code.protocols`);
-            the eval configs read it as ``${model.code_protocol}``.
+            the eval configs read it as ``${oc.select:model.code_protocol,plain}``.
         tiny: keyword arguments of :func:`build_tiny_llama` (``tiny`` source).
     """
 
