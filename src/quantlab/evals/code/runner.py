@@ -5,8 +5,8 @@ chosen prompt protocol (:mod:`quantlab.evals.code.protocols`: ``plain``, ``chat`
 ``sqplus``), generate the missing completions (batched, resumable), turn each reply into the tested
 completion (the protocol's post-processing), run every not-yet-judged one in the sandbox in
 parallel, judge it, and report unbiased pass@k per language and overall, with the per-problem
-pass@k in ``EvalResult.per_item`` (paired comparisons between methods). Completions and outcomes are appended to a
-:class:`~quantlab.evals.code.store.SampleStore` as they finish; the store lives under
+pass@k in ``EvalResult.per_item`` (paired comparisons between methods). Completions and outcomes
+are appended to a :class:`~quantlab.evals.code.store.SampleStore` as they finish; the store lives under
 ``<results>/cache/code_eval/<fingerprint>`` when the harness provides a run fingerprint (same
 model + method + settings + quantlab source), so rerunning the same command resumes, and a copy of
 the final files goes to ``<run dir>/<eval name>/``.
