@@ -89,7 +89,7 @@ def test_summary_columns_and_none_first(results_tree):
     assert list(summary.columns) == [
         "experiment", "model", "quantizer", "format", "wakv", "bits_per_weight", "seed",
         "err/sqnr_db", "ppl/local_stdlib", "quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note",
-        "method", "output_dir", "calibrated_on_eval_set"]
+        "method", "output_dir", "calibrated_on_eval_set", "variant"]
     # tiny-llama rows (none first, then awq, gptq), then the incomplete tiny_llama row
     assert list(summary["quantizer"]) == ["none", "awq", "gptq", "rtn"]
     assert list(summary["status"]) == ["ok", "ok", "failed", "incomplete"]

@@ -23,7 +23,7 @@ from quantlab.metrics.footprint import GB, model_footprint, packed_estimate
 from quantlab.models.loaders import LoadedModel, ModelConfig, load_model
 from quantlab.nn.swap import iter_linears
 from quantlab.quantizers.artifacts import ARTIFACTS_FILE, save_artifacts
-from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer
+from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer, quantizer_class
 from quantlab.tracking.env import peak_memory, reset_peak_cuda
 from quantlab.tracking.record import write_table
 from quantlab.types import CalibData, EvalResult, RunContext
@@ -95,6 +95,14 @@ def source_hash() -> str:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def calibration_needed(spec: RunSpec) -> bool:
+    """Does this run build calibration data? The method needs it (and is not re-applying saved artifacts),
+    or an evaluator needs it (layer diagnostics) and the method quantizes."""
+    cls = quantizer_class(spec.quantizer)
+    method = cls.requires_calibration and not getattr(spec.quantizer, "load_artifacts", None)
+    return method or (not cls.is_identity and any(e.requires_calibration for e in spec.evals))
 
 
 def run_fingerprint(spec: RunSpec, calib: CalibData | None) -> str:
@@ -186,7 +194,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     quantizer.validate(model)
 
     quantizes = not quantizer.is_identity
-    needs_calib = quantizer.needs_calibration() or (quantizes and any(e.requires_calibration for e in spec.evals))
+    needs_calib = calibration_needed(spec)
     calib: CalibData | None = None
     if needs_calib:
         if spec.calib is None:

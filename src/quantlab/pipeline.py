@@ -23,6 +23,7 @@ from quantlab.models.loaders import ModelConfig
 from quantlab.quantizers.base import QuantizerConfig, quantizer_class
 from quantlab.tracking.env import capture_env, peak_memory
 from quantlab.tracking.record import RunRecord, new_run_id, utc_now_iso, write_json_atomic, write_record
+from quantlab.tracking.variant import VARIANT_FILE, make_variant
 from quantlab.tracking.wandb_logger import LoggerConfig, Tracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def run(
     try:
         spec = build_spec(cfg)
         record.quantizer["config"] = spec.quantizer.to_dict()
+        record.variant = make_variant(spec)
+        write_json_atomic(output_dir / VARIANT_FILE, record.variant)  # an interrupted run still names its variant
         logger_cfg = _build(cfg.get("logger"), "logger", LoggerConfig) or LoggerConfig()
         tracker = make_tracker(logger_cfg)
         record.quantizer["name"] = quantizer_class(spec.quantizer).name

@@ -11,6 +11,7 @@ evaluator's name) so several can be selected at once: ``eval=[ppl_local,layer_er
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +38,15 @@ class Evaluator(ABC):
     requires_calibration: ClassVar[bool] = False
     #: the pipeline keeps a copy of the original weights of quantized layers when True
     requires_fp_weights: ClassVar[bool] = False
+    #: fields that change how the evaluator runs, never its numbers (left out of the run's variant,
+    #: :mod:`quantlab.tracking.variant`)
+    execution_fields: ClassVar[tuple[str, ...]] = ()
+
+    def variant_settings(self) -> dict[str, Any]:
+        """The settings that can change this evaluator's numbers (part of the run's variant): every field
+        but ``name`` and :attr:`execution_fields`."""
+        drop = ("name", *self.execution_fields)
+        return {"kind": self.kind, **{k: v for k, v in dataclasses.asdict(self).items() if k not in drop}}
 
     def preflight(self) -> None:
         """Cheap checks run before the (possibly long) quantization: fail early on a missing data file

@@ -174,6 +174,7 @@ class LayerErrorEval(Evaluator):
 
     requires_calibration: ClassVar[bool] = True
     requires_fp_weights: ClassVar[bool] = True
+    execution_fields: ClassVar[tuple[str, ...]] = ("batch_size",)
 
     max_samples: int | None = 8
     batch_size: int = 1

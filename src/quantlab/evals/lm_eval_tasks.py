@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import nn
@@ -232,6 +232,8 @@ class LmEvalTasks(Evaluator):
     bootstrap_iters: int = 100000
     seed: int | None = None
     apply_chat_template: bool = False
+
+    execution_fields: ClassVar[tuple[str, ...]] = ("log_samples", "bootstrap_iters")  # stderr only
 
     def _key(self, field_name: str) -> str:
         return f"eval.{self.name or 'lm_eval'}.{field_name}"

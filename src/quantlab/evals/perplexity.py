@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -176,6 +176,8 @@ class PerplexityEval(Evaluator):
     stride: int = 512
     max_windows: int | None = None
     batch_size: int = 1
+
+    execution_fields: ClassVar[tuple[str, ...]] = ("batch_size",)  # same windows, same sums
 
     def _key(self, field_name: str) -> str:
         return f"eval.{self.name or 'perplexity'}.{field_name}"

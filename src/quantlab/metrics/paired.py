@@ -12,6 +12,8 @@ is that of the per-item differences, far smaller than two independent intervals 
 * :func:`paired_bootstrap_ppl`: the same resampling of windows for a ratio-of-sums statistic,
   perplexity ``exp(sum nll / sum tokens)`` recomputed for both arms on each resample; reports the
   difference and the ratio of the two perplexities.
+* :func:`bootstrap_value`: one run's mean or perplexity with the same percentile interval over its items
+  (used to say whether a published number lies inside a run's own uncertainty).
 * :func:`mcnemar_exact`: exact (conditional binomial) McNemar test for paired binary outcomes
   (McNemar 1947; exact form: Fagerland, Lydersen & Laake 2013, BMC Med. Res. Methodol. 13:91):
   ``b`` = items passed by A only, ``c`` = by B only; under H0 ``b ~ Binomial(b + c, 1/2)``;
@@ -203,6 +205,29 @@ def paired_bootstrap_ppl(
         ppl_a, ppl_b,
         BootstrapCI(ppl_b - ppl_a, d_lo, d_hi, *common), BootstrapCI(ratio, r_lo, r_hi, *common),
     )
+
+
+def bootstrap_value(items: Sequence, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                    confidence: float = CONFIDENCE) -> BootstrapCI:
+    """One run's metric with a bootstrap interval over its items: the mean of numeric items (pass@1 per
+    problem), or the perplexity ``exp(sum nll / sum tokens)`` of ``[nll, tokens]`` window items.
+
+    Raises:
+        ValueError: no items, or the settings are out of range.
+    """
+    if len(items) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in items):
+        nll, tok = _as_1d([x[0] for x in items], "nll"), _as_1d([x[1] for x in items], "tokens")
+        _check_pair(nll, tok, n_resamples, confidence)
+        stats = np.concatenate([_ppl(nll[i].sum(axis=1), tok[i].sum(axis=1))
+                                for i in resample_indices(nll.shape[0], n_resamples, seed)])
+        value = float(_ppl(nll.sum(), tok.sum()))
+    else:
+        v = _as_1d(items, "items")
+        _check_pair(v, v, n_resamples, confidence)
+        stats = np.concatenate([v[i].mean(axis=1) for i in resample_indices(v.shape[0], n_resamples, seed)])
+        value = float(v.mean())
+    low, high = _interval(stats, confidence)
+    return BootstrapCI(value, low, high, len(items), n_resamples, confidence, seed)
 
 
 def is_binary(values: Sequence[float] | np.ndarray) -> bool:

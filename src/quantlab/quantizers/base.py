@@ -65,6 +65,10 @@ class QuantizerConfig:
     exclude: tuple[str, ...] = ("lm_head",)
     wakv: str | None = None
 
+    #: fields that change how the method runs, never its result (left out of the run's variant,
+    #: :mod:`quantlab.tracking.variant`)
+    execution_fields: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         # Hydra passes lists; store tuples so configs stay hashable and immutable.
         object.__setattr__(self, "include", _as_tuple(self.include, "quantizer.include"))
@@ -99,6 +103,8 @@ class CalibratedConfig(QuantizerConfig):
 
     batch_size: int | None = None
     load_artifacts: str | None = None
+
+    execution_fields: ClassVar[tuple[str, ...]] = ("batch_size",)  # chunking of the same sums
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -93,6 +93,8 @@ class LLMQATConfig(QuantizerConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
     data_dir: str | None = None
     load_student: str | None = None
+
+    execution_fields: ClassVar[tuple[str, ...]] = ("data_dir",)  # where the cached sequences live
 
     def __post_init__(self) -> None:
         if self.wakv is None:

@@ -12,6 +12,8 @@ artifacts so the result can be re-applied or packed.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
 from dataclasses import dataclass, field
 
@@ -44,6 +46,8 @@ class RTNConfig(QuantizerConfig):
 
     format: QuantFormat = field(default_factory=QuantFormat)
     save_codes: bool = False
+
+    execution_fields: ClassVar[tuple[str, ...]] = ("save_codes",)  # what is saved, not what is computed
 
 
 @register_quantizer("rtn", RTNConfig)

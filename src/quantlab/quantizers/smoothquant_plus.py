@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -94,6 +94,8 @@ class SmoothQuantPlusConfig(CalibratedConfig):
     search_samples: int | None = None
     rtn_baseline: bool = True
     alpha_batch: int | None = None
+
+    execution_fields: ClassVar[tuple[str, ...]] = ("batch_size", "alpha_batch")  # memory bounds, same search
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,4 +1,5 @@
-"""Hydra callback that prints the comparison table when a run or a multirun ends.
+"""Hydra callback that prints the comparison table when a run or a multirun ends, and after a multirun
+lists its failed jobs (:data:`SWEEP_FAILURES`; ``python -m quantlab`` then exits 1).
 
 Enable it in a Hydra config::
 
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from quantlab.tracking.report import print_summary
 
 logger = logging.getLogger(__name__)
+
+#: ``(job dir, one-line error)`` of the failed jobs of the last sweep this process ran (``main`` exits 1)
+SWEEP_FAILURES: list[tuple[str, str]] = []
 
 
 class PrintReport(Callback):
@@ -70,3 +74,7 @@ class PrintReport(Callback):
         except Exception:  # never break the run over the report
             logger.warning("PrintReport: cannot resolve hydra.sweep.dir", exc_info=True)
         self._print(root, "multirun")
+        if root is not None:  # even when printing is disabled: the failures decide the exit status
+            from quantlab.sweep import log_failures
+
+            SWEEP_FAILURES[:] = log_failures(Path(str(root)))

@@ -7,13 +7,16 @@
 
 Only experiments holding at least one W-A-KV run (activations or KV cache quantized, or LLM-QAT) are
 tabled, so weight-only studies do not grow an LLM-QAT table. The full-precision baseline's row is named
-after the model (``16-16-16``). Cells average the successful runs (seeds); ``runs`` counts them.
+after the model (``16-16-16``). Cells average the successful runs (seeds of one variant: ``mean ± sd (n=k)``
+in text, :func:`~quantlab.tracking.paper_tables.with_spread`); ``runs`` counts them. Avg is the mean of each
+run's task average.
 """
 from __future__ import annotations
 
 import pandas as pd
 
 from quantlab.formats.wakv import PAPER_SETTINGS
+from quantlab.tracking.paper_tables import with_spread
 
 CSR_TASKS = (("boolq", "acc", "BoolQ"), ("piqa", "acc_norm", "PIQA"), ("social_iqa", "acc", "SIQA"),
              ("hellaswag", "acc_norm", "HellaSwag"), ("winogrande", "acc", "WinoGrande"),
@@ -78,13 +81,14 @@ def llmqat_table1(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         rows = rows[rows[list(cols.values())].notna().any(axis=1)]
         if rows.empty:
             continue
-        tab = rows.groupby(["#Bits", "Method"])[list(cols.values())].mean() * 100
-        tab.columns = list(cols)
-        tab["Avg"] = tab[list(cols)].mean(axis=1, skipna=False)
+        pct = rows.rename(columns={c: label for label, c in cols.items()})
+        pct[list(cols)] = pct[list(cols)] * 100
+        pct["Avg"] = pct[list(cols)].mean(axis=1, skipna=False)
+        tab = pct.groupby(["#Bits", "Method"])[[*cols, "Avg"]].mean()
         tab["runs"] = rows.groupby(["#Bits", "Method"]).size()
         title = (f"LLM-QAT Table 1 shape: {model} zero-shot accuracy % (#Bits W-A-KV x method; "
                  f"Avg over {len(cols)} of {len(CSR_TASKS)} tasks)")
-        out.append((title, _order(tab.reset_index())))
+        out.append((title, with_spread(_order(tab.reset_index()), pct, ["#Bits", "Method"], None, [*cols, "Avg"])))
     return out
 
 
@@ -101,4 +105,4 @@ def llmqat_table2(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     tab.columns.name = None
     tab["runs"] = sub.groupby(["#Bits", "Method"]).size()
     return [("LLM-QAT Table 2 shape: perplexity (#Bits W-A-KV x method; columns: model metric)",
-             _order(tab.reset_index()))]
+             with_spread(_order(tab.reset_index()), long, ["#Bits", "Method"], "column", ["value"]))]

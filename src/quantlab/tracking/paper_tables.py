@@ -9,8 +9,10 @@
 * Sampling tables (same study, section 4): :mod:`quantlab.tracking.sampling_report`.
 * LLM-QAT Tables 1-2 shapes (zero-shot, perplexity by W-A-KV): :mod:`quantlab.tracking.llmqat_tables`.
 
-Cells average the successful runs of that method and model (seeds); the cell count is in ``runs``.
-Only ``status == ok`` rows count: a failed run never fills a cell. A run calibrated on the evaluation
+Cells average the successful runs of that method and model, which the report has reduced to one run per
+variant and seed (:mod:`quantlab.tracking.runset`), so a cell's runs are seeds of one variant: with more
+than one the text cell reads ``mean ± sd (n=k)`` (sample standard deviation); ``runs`` counts the method's
+runs. Only ``status == ok`` rows count: a failed run never fills a cell. A run calibrated on the evaluation
 set's own prompts (flat column ``calibrated_on_eval_set``) is labelled ``<method>†`` (so it never shares a
 row with held-out runs of the method) and its tables carry :data:`CALIB_FOOTNOTE`.
 """
@@ -76,6 +78,27 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "ok"] if "status" in df else df
 
 
+SPREAD_NOTE = "cells over several seeds: mean ± sd (n=seeds)"
+
+
+def with_spread(tab: pd.DataFrame, rows: pd.DataFrame, index: list[str], column: str | None,
+                values: list[str]) -> pd.DataFrame:
+    """Attach to ``tab`` (index columns + value columns) the sample sd and count of every cell pooled from
+    more than one run of ``rows``; :func:`_as_text` shows them. ``column``: the pivoted column (its values
+    name ``tab``'s columns), or None when ``values`` are ``tab``'s columns."""
+    spread = {}
+    keys = index + ([column] if column else [])
+    for key, grp in rows.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for v in values:
+            vals = grp[v].dropna()
+            if len(vals) > 1:
+                col = key[-1] if column else v
+                spread[(key[:len(index)], col)] = (float(vals.std(ddof=1)), len(vals))
+    tab.attrs["spread"], tab.attrs["index"] = spread, index
+    return tab
+
+
 def table1(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """``[(title, frame)]``: per pass@1 metric without a language, method x model."""
     df = _ok(summary)
@@ -87,7 +110,8 @@ def table1(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         sub = sub.assign(method=_method(sub))
         piv = sub.pivot_table(index="method", columns="model", values=col, aggfunc="mean")
         runs = sub.groupby("method").size().rename("runs")
-        out.append((f"Table 1 shape: {col} (method x model)", piv.join(runs).reset_index()))
+        tab = with_spread(piv.join(runs).reset_index(), sub, ["method"], "model", [col])
+        out.append((f"Table 1 shape: {col} (method x model)", tab))
     return out
 
 
@@ -106,9 +130,11 @@ def table2(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         for model, rows in sub.groupby("model", sort=True):
             rows = rows.assign(method=_method(rows))
             tab = rows.groupby("method")[cols].mean()
-            tab.columns = [c.split("/")[1] for c in cols]
             tab["runs"] = rows.groupby("method").size()
-            out.append((f"Table 2 shape: {ev} pass@1 on {model} (method x language)", tab.reset_index()))
+            tab = with_spread(tab.reset_index(), rows, ["method"], None, cols)
+            tab.attrs["spread"] = {(k, c.split("/")[1]): v for (k, c), v in tab.attrs["spread"].items()}
+            tab.columns = [c.split("/")[1] if c in cols else c for c in tab.columns]
+            out.append((f"Table 2 shape: {ev} pass@1 on {model} (method x language)", tab))
     return out
 
 
@@ -147,11 +173,20 @@ def table7(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _as_text(tab: pd.DataFrame) -> pd.DataFrame:
-    """Scores as 4-decimal strings (``-`` where a method has no run for that column)."""
+    """Scores as 4-decimal strings (``-`` where a method has no run for that column; ``mean ± sd (n=k)``
+    where :func:`with_spread` found several runs)."""
     out = tab.copy()
+    spread, index = tab.attrs.get("spread") or {}, tab.attrs.get("index") or []
+    keys = list(zip(*(tab[i] for i in index))) if index else [()] * len(tab)
     for c in out.columns:
         if c not in ("method", "runs", "model") and pd.api.types.is_float_dtype(out[c]):
-            out[c] = out[c].map(lambda v: "-" if pd.isna(v) else f"{float(v):.4f}")
+            cells = []
+            for key, v in zip(keys, out[c]):
+                sd_n = spread.get((tuple(key), c))
+                text = "-" if pd.isna(v) else f"{float(v):.4f}"
+                cells.append(f"{text} ± {sd_n[0]:.4f} (n={sd_n[1]})" if sd_n and not pd.isna(v) else text)
+            out[c] = cells
+    out.attrs = {}
     return out
 
 

@@ -48,8 +48,9 @@ class RunRecord:
 
     Attributes:
         run_id: see :func:`new_run_id`.
-        status: ``ok`` or ``failed`` (``incomplete`` is only synthesized by the report for run
-            directories without a ``result.json``).
+        status: ``ok``, ``failed`` or ``skipped`` (a sweep job whose variant and seed already had an ok
+            record: ``error["existing"]`` names it); ``incomplete`` is only synthesized by the report for
+            run directories without a ``result.json``.
         experiment: study name (rows are grouped by it).
         output_dir: the run directory.
         started_at / finished_at: ISO-8601 UTC timestamps.
@@ -70,6 +71,9 @@ class RunRecord:
         overrides: Hydra command-line overrides of this run.
         tags: free-form labels.
         seed: the run's seed.
+        variant: ``{"id", "settings"}``: every setting that can change the numbers and its 12-hex hash
+            (:mod:`quantlab.tracking.variant`); None when the config could not be built, and in records
+            written before it existed (the report recomputes it from ``config_resolved.json``).
         error: ``{"type", "message", "traceback"}`` when ``status == "failed"``.
         schema_version: version of this layout.
     """
@@ -96,6 +100,7 @@ class RunRecord:
     overrides: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     seed: int = 0
+    variant: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
@@ -159,10 +164,11 @@ class RunRecord:
             "model": model.get("name"),
             "quantizer": (self.quantizer or {}).get("name"),
             "format": self.format_name(),
-            "method": (self.quant_summary or {}).get("method_label"),
+            "method": (self.quant_summary or {}).get("display_label") or (self.quant_summary or {}).get("method_label"),
             "wakv": (self.quant_summary or {}).get("wakv"),
             "bits_per_weight": self.bits_per_weight,
             "seed": self.seed,
+            "variant": (self.variant or {}).get("id"),
         }
         for name, value in (self.metrics or {}).items():
             if name in row:

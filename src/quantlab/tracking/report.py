@@ -19,25 +19,25 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from quantlab.errors import DataError
 from quantlab.tracking.paired_table import paired_tables
 from quantlab.tracking.paper_tables import (CALIB_FOOTNOTE, DAGGER, calib_footnotes, calibrated_on_eval,
                                             paper_tables)
-from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record, write_text_atomic
+from quantlab.tracking.published import published_tables
+from quantlab.tracking.record import RunRecord, write_text_atomic
+from quantlab.tracking.runset import (SUPERSEDED_TITLE, Resolved, collect, label_variants, pooled, resolve,
+                                       superseded_frame)
 from quantlab.tracking.sampling_report import sampling_plots
 
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS = ("experiment", "model", "quantizer", "format", "wakv", "bits_per_weight", "seed")
 TAIL_COLUMNS = ("quant_time_s", "wall_s", "peak_rss_gb", "status", "run_id", "model_note", "method", "output_dir",
-                "calibrated_on_eval_set")  # the last one: shown as a dagger on the quantizer
+                "calibrated_on_eval_set", "variant")  # the last one: shown as a dagger on the quantizer
 _TIME_COLUMNS = ("quant_time_s", "wall_s")
 _GB_COLUMNS = ("peak_rss_gb", "peak_cuda_gb")
 _STATUS_STYLE = {"failed": "red", "incomplete": "yellow"}
@@ -45,68 +45,6 @@ MISSING = "-"
 
 
 # ----------------------------------------------------------------------------- collect
-
-
-def _load_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        logger.debug("cannot read %s: %s", path, exc)
-        return None
-
-
-def _incomplete_record(run_dir: Path, root: Path) -> RunRecord:
-    """A placeholder row for a Hydra run dir without ``result.json`` (best effort from ``.hydra/``)."""
-    hydra_dir = run_dir / ".hydra"
-    cfg = _load_yaml(hydra_dir / "config.yaml")
-    cfg = cfg if isinstance(cfg, dict) else {}
-    hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml")
-    choices = {}
-    if isinstance(hydra_cfg, dict):
-        choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
-    overrides = _load_yaml(hydra_dir / "overrides.yaml")
-    experiment = next((v for v in (cfg.get("experiment"), cfg.get("exp"), choices.get("exp"))
-                       if isinstance(v, str)), "")
-    seed = cfg.get("seed")
-    rel = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
-    started = datetime.fromtimestamp(hydra_dir.stat().st_mtime, tz=timezone.utc)
-    return RunRecord(
-        run_id=rel,
-        status="incomplete",
-        experiment=experiment,
-        output_dir=str(run_dir),
-        started_at=started.isoformat(timespec="milliseconds"),
-        model={"name": choices.get("model")},
-        quantizer={"name": choices.get("quantizer")},
-        overrides=[str(o) for o in overrides] if isinstance(overrides, list) else [],
-        seed=seed if isinstance(seed, int) else 0,
-        error={"type": "Incomplete", "message": "no result.json: the run was killed, crashed hard or is still running",
-               "traceback": None},
-    )
-
-
-def collect(root: Path) -> list[RunRecord]:
-    """All run records below ``root`` (recursive), sorted by (experiment, started_at).
-
-    Unreadable or invalid ``result.json`` files are skipped with a warning naming the file. A
-    directory with ``.hydra/`` but no ``result.json`` yields a ``status="incomplete"`` record whose
-    model/quantizer come from Hydra's config-group choices (YAML names, e.g. ``bnb_nf4``).
-    """
-    root = Path(root)
-    records: list[RunRecord] = []
-    for path in sorted(root.rglob(RESULT_FILE)):
-        if not path.is_file():
-            continue
-        try:
-            records.append(read_record(path))
-        except DataError as exc:
-            logger.warning("skipping unreadable run record: %s", exc)
-    for hydra_dir in sorted(root.rglob(".hydra")):
-        run_dir = hydra_dir.parent
-        if hydra_dir.is_dir() and not (run_dir / RESULT_FILE).exists():
-            records.append(_incomplete_record(run_dir, root))
-    records.sort(key=lambda r: (r.experiment or "", r.started_at or "", r.run_id or ""))
-    return records
 
 
 def to_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
@@ -200,8 +138,10 @@ def _experiment_tables(summary: pd.DataFrame) -> Iterator[tuple[str, pd.DataFram
     """
     for name, sub in summary.groupby(summary["experiment"].fillna(""), sort=False, dropna=False):
         empty = [c for c in metric_columns(sub) if sub[c].isna().all()]
-        quiet = [c for c in ("run_id", "model_note", "method", "output_dir", "calibrated_on_eval_set")
+        quiet = [c for c in ("run_id", "model_note", "method", "output_dir", "calibrated_on_eval_set", "variant")
                  if c in sub]
+        if "method" in sub and sub["method"].astype(str).str.contains(" [", regex=False).any():
+            quiet.remove("method")  # variants that share a label: the label names the knobs that differ
         if "seed" in sub and sub["seed"].nunique() <= 1:
             quiet.append("seed")
         if "wakv" in sub and not sub["wakv"].dropna().astype(str).map(_quantizes_act_or_kv).any():
@@ -253,20 +193,32 @@ def _note(note: str, word: str = "note") -> str:
     return note if note.startswith(DAGGER) else f"{word} ({note})"
 
 
-def _more_tables(summary: pd.DataFrame, records: Sequence[RunRecord] | None) -> list[tuple[str, Any, list]]:
-    """(title, text frame, notes) of the paper-shaped tables, then of the paired comparisons (``records``)."""
-    out = [(t, tab, calib_footnotes(tab)) for t, tab in paper_tables(summary, as_text=True)]
-    if records:
-        out += paired_tables(records, metrics=metric_columns(summary), as_text=True)
+def _more_tables(summary: pd.DataFrame, records: Sequence[RunRecord] | None,
+                 footer: pd.DataFrame | None = None) -> list[tuple[str, Any, list]]:
+    """(title, text frame, notes) of the paper-shaped tables, the paired comparisons and the published
+    numbers next to ours (:mod:`quantlab.tracking.published`), over the ``records`` with each (variant, seed)
+    once (:func:`~quantlab.tracking.runset.pooled`; without records: ``summary``), then the footer of
+    superseded/skipped records."""
+    metrics = metric_columns(summary)
+    pool = pooled(records) if records else None
+    shaped = summary_table(to_frame(pool)).reindex(columns=summary.columns) if pool else summary
+    out = [(t, tab, calib_footnotes(tab)) for t, tab in paper_tables(shaped, as_text=True)]
+    if pool:
+        out += paired_tables(pool, metrics=metrics, as_text=True)
+        out += published_tables(pool)
+    if footer is not None and not footer.empty:
+        out.append((SUPERSEDED_TITLE, footer, ["a rerun of the same variant and seed counts once: the newest ok "
+                                               "record is the row; these records are in no cell"]))
     return out
 
 
-def _markdown_report(summary: pd.DataFrame, records: Sequence[RunRecord] | None = None) -> str:
+def _markdown_report(summary: pd.DataFrame, records: Sequence[RunRecord] | None = None,
+                     footer: pd.DataFrame | None = None) -> str:
     parts = ["# quantlab report\n"]
     for name, rows, notes in _experiment_tables(summary):
         parts += [f"\n## {name or '(no experiment)'}\n", f"\n{_caption(rows)}\n\n", render_markdown(rows)]
         parts += [f"\n{_note(n, 'Note')}\n" for n in notes]
-    for title, tab, notes in _more_tables(summary, records):
+    for title, tab, notes in _more_tables(summary, records, footer):
         parts += [f"\n## {title}\n\n", render_markdown(tab)]
         parts += [f"\n{_note(n, 'Note')}\n" for n in notes]
     parts.append("\n`peak_rss_gb` is the peak RSS of the whole process (in a multirun it includes earlier jobs).\n")
@@ -276,6 +228,7 @@ def _markdown_report(summary: pd.DataFrame, records: Sequence[RunRecord] | None 
 def _rich_table(name: str, rows: pd.DataFrame):
     """(table, natural width): the width at which no column is squeezed, folded or cropped."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=name or "(no experiment)", caption=_caption(rows))
     cells = {c: [format_cell(str(c), v) for v in rows[c]] for c in rows.columns}
@@ -286,17 +239,19 @@ def _rich_table(name: str, rows: pd.DataFrame):
         table.add_column(str(c), justify="right" if _is_numeric(rows[c]) else "left", no_wrap=True)
     statuses = list(rows["status"]) if "status" in rows else [None] * len(rows)
     for i, status in enumerate(statuses):
-        table.add_row(*(cells[c][i] for c in rows.columns), style=_STATUS_STYLE.get(status))
+        table.add_row(*(Text(cells[c][i]) for c in rows.columns), style=_STATUS_STYLE.get(status))  # no markup
     return table, width
 
 
-def print_tables(summary: pd.DataFrame, console=None, records: Sequence[RunRecord] | None = None) -> None:
+def print_tables(summary: pd.DataFrame, console=None, records: Sequence[RunRecord] | None = None,
+                 footer: pd.DataFrame | None = None) -> None:
     """Print one rich table per experiment of a :func:`summary_table` frame, then the paper-shaped tables
-    and, when the ``records`` are given, the paired comparisons vs the fp baseline."""
+    and, when the ``records`` are given, the paired comparisons vs the fp baseline; then the ``footer``
+    (:func:`~quantlab.tracking.runset.superseded_frame`)."""
     from rich.console import Console
 
     console = console or Console()
-    for title, rows, notes in [*_experiment_tables(summary), *_more_tables(summary, records)]:
+    for title, rows, notes in [*_experiment_tables(summary), *_more_tables(summary, records, footer)]:
         table, width = _rich_table(title, rows)
         # Print at the table's natural width even on a narrow/non-tty console: rich would otherwise
         # squeeze or crop columns, and a cropped status or metric column is worse than a long line.
@@ -316,14 +271,24 @@ def print_summary(root: Path, console=None, metrics: Sequence[str] | None = None
     Returns:
         The summary frame (empty when ``root`` holds no records; nothing is printed then).
     """
-    records = collect(Path(root))
+    records, resolved = gather(Path(root))
     df = to_frame(records)
     if df.empty:
         logger.info("no run records below %s", root)
         return df
     summary = summary_table(df, metrics)
-    print_tables(summary, console, records)
+    print_tables(summary, console, records, superseded_frame(resolved))
     return summary
+
+
+def gather(root: Path, experiment: str | None = None) -> tuple[list[RunRecord], Resolved]:
+    """The records below ``root`` that are table rows (one per experiment, variant and seed; labels that
+    tell variants apart, :mod:`quantlab.tracking.runset`) and the resolution (with the superseded ones)."""
+    records = collect(root) if Path(root).is_dir() else []
+    if experiment is not None:
+        records = [r for r in records if r.experiment == experiment]
+    resolved = resolve(records)
+    return label_variants(resolved.rows), resolved
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -343,7 +308,7 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> bool:
 
 
 def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None = None,
-                  records: Sequence[RunRecord] | None = None) -> list[Path]:
+                  records: Sequence[RunRecord] | None = None, footer: pd.DataFrame | None = None) -> list[Path]:
     """Write ``report.csv`` (full flat frame), ``report.md`` (the printed tables; the paired comparisons
     when ``records`` are given), ``report.parquet`` (if pyarrow) and the sampling-study plots (PNG, one
     per experiment/model/axis, when runs have sweeps).
@@ -355,7 +320,7 @@ def write_outputs(df: pd.DataFrame, out_dir: Path, metrics: Sequence[str] | None
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.csv", out_dir / "report.md"]
     write_text_atomic(written[0], df.to_csv(index=False))
-    write_text_atomic(written[1], _markdown_report(summary_table(df, metrics), records))
+    write_text_atomic(written[1], _markdown_report(summary_table(df, metrics), records, footer))
     if importlib.util.find_spec("pyarrow") is not None and _write_parquet(df, out_dir / "report.parquet"):
         written.append(out_dir / "report.parquet")
     written += sampling_plots(summary_table(df, metrics), out_dir)
@@ -379,9 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     root = Path(args.dir)
-    records = collect(root) if root.is_dir() else []
-    if args.experiment is not None:
-        records = [r for r in records if r.experiment == args.experiment]
+    records, resolved = gather(root, args.experiment)
     if not records:
         what = f" for experiment {args.experiment!r}" if args.experiment is not None else ""
         sys.stderr.write(f"quantlab.report: no run records{what} under {root}\n")
@@ -394,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"quantlab.report: --metrics: {exc}\n")
         return 2
     console = Console()
-    print_tables(summary, console, records)
-    for path in write_outputs(df, Path(args.out) if args.out else root, metrics, records):
+    footer = superseded_frame(resolved)
+    print_tables(summary, console, records, footer)
+    for path in write_outputs(df, Path(args.out) if args.out else root, metrics, records, footer):
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
     return 0

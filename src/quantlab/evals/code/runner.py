@@ -92,6 +92,7 @@ class CodeEval(Evaluator):
 
     #: report pass@k per language and their average (BabelCode / MultiPL-E)
     per_language: ClassVar[bool] = False
+    execution_fields: ClassVar[tuple[str, ...]] = ("workers", "resume")
 
     def __post_init__(self) -> None:
         key = f"eval.{self.name or self.kind}"
@@ -117,6 +118,14 @@ class CodeEval(Evaluator):
         self.decoding(0)  # validates the decoding fields under this evaluator's key
 
     # --- what subclasses provide --------------------------------------------------------------------
+    def variant_settings(self) -> dict[str, Any]:
+        """As the base class, without the sampling knobs of a greedy run (they cannot change its numbers)."""
+        out = super().variant_settings()
+        if not self.do_sample:
+            for key in ("temperature", "top_k", "top_p", "seed"):
+                out.pop(key, None)
+        return out
+
     @abstractmethod
     def load_problems(self) -> tuple[list[CodeProblem], dict[str, Any]]:
         """All problems of the dataset (before ``limit``) and the dataset's provenance."""

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -85,6 +85,7 @@ class SamplingSweep(Evaluator):
     min_len: int = 2
     resume: bool = True
     plots: bool = True
+    execution_fields: ClassVar[tuple[str, ...]] = ("resume", "plots")
 
     def __post_init__(self) -> None:
         key = f"eval.{self.name or 'sampling'}"
