@@ -111,3 +111,31 @@ def test_smollm2_preset_uses_group_size_64():
         assert c.calib.source == "local" and c.calib.path == "stdlib_calib"
     assert compose(["+exp=sqplus_smollm2", "quantizer=gptq"]).quantizer.format.zero_in_range is True
     assert compose(["+exp=sqplus_smollm2", "quantizer=awq", "calib=random_8x64"]).calib.source == "random"
+
+
+@pytest.mark.parametrize("exp, model", [("smoothquant_plus_7b", "codellama_7b"), ("smoothquant_plus_34b", "codellama_34b")])
+def test_paper_preset_runs_land_in_the_papers_column(exp, model):
+    """What a GPU user's `+exp=smoothquant_plus_34b` records (model name, method label from the quantizer, the
+    evaluator's protocol name) matches SmoothQuant+ Table 1's rows, so the report shows paper | ours."""
+    from quantlab.pipeline import build_spec
+    from quantlab.quantizers.base import quantizer_class
+    from quantlab.tracking.published import compare_table, load_published
+    from quantlab.tracking.record import RunRecord
+
+    table = next(t for t in load_published() if t.key == "sqplus_table1")
+    records = []
+    for i, method in enumerate(("none", "rtn", "awq", "smoothquant_plus")):
+        spec = build_spec(compose([f"+exp={exp}", f"quantizer={method}"]))
+        quantizer = quantizer_class(spec.quantizer)(spec.quantizer)
+        (ev,) = spec.evals
+        records.append(RunRecord(
+            run_id=f"r{i}", status="ok", experiment=exp, output_dir="", started_at="2026-12-06T00:00:00",
+            model={"name": spec.model.name}, quantizer={"name": quantizer.name},
+            quant_summary={"method_label": quantizer.label(spec.model.dtype)},
+            metrics={"humaneval/pass@1": 0.25 + i / 100},
+            provenance={"humaneval/pass@1": {"protocol": ev.prompt_protocol().name, "protocol_deviations": []}}))
+    rows, notes = compare_table(table, records)
+    assert len(rows) == 4 and set(rows["model"]) == {model}
+    assert sorted(rows["ours"]) == ["0.2500", "0.2600", "0.2700", "0.2800"]  # all in the paper's column
+    assert list(rows["paper row"]) == ["FP16", "RTN", "AWQ", "SmoothQuant+"]
+    assert any("no run yet for 8 published row(s)" in n for n in notes)

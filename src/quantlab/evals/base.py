@@ -10,8 +10,8 @@ evaluator's name) so several can be selected at once: ``eval=[ppl_local,layer_er
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 

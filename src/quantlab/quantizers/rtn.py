@@ -12,10 +12,9 @@ artifacts so the result can be re-applied or packed.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn

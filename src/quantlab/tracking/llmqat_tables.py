@@ -44,7 +44,7 @@ def _rows(summary: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     labels = df["method"] if "method" in df else pd.Series(None, index=df.index)
-    names = [str(m) if q == "none" else " ".join([METHOD_NAMES.get(q, str(q)), *_variant(lab, w)])
+    names = [(str(m) if q == "none" else " ".join([METHOD_NAMES.get(q, str(q)), *_variant(lab, w)])) + _knobs(lab)
              for q, m, lab, w in zip(df["quantizer"], df["model"], labels, df["wakv"])]
     df = df.assign(**{"#Bits": df["wakv"].astype(str), "Method": names})
     fmt = df["format"].fillna("").astype(str) if "format" in df else pd.Series("", index=df.index)
@@ -53,9 +53,15 @@ def _rows(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _variant(label: object, wakv: str) -> list[str]:
-    """What a method label adds after its W-A-KV (``llm_qat w4pcs 4-8-4 a:lsq`` -> ``["a:lsq"]``)."""
-    tokens = str(label).split() if isinstance(label, str) else []
+    """What a method label adds after its W-A-KV (``llm_qat w4pcs 4-8-4 a:lsq`` -> ``["a:lsq"]``), without
+    the report's knob suffix (:func:`_knobs`)."""
+    tokens = str(label).split(" [")[0].split() if isinstance(label, str) else []
     return tokens[tokens.index(wakv) + 1:] if wakv in tokens else []
+
+
+def _knobs(label: object) -> str:
+    """The report's ``[knob=value ...]`` suffix of a label (variants sharing a method label), or ``""``."""
+    return f" [{label.split(' [', 1)[1]}" if isinstance(label, str) and " [" in label else ""
 
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:

@@ -25,12 +25,24 @@ from typing import Any
 import pandas as pd
 
 from quantlab.tracking.paired_table import paired_tables
-from quantlab.tracking.paper_tables import (CALIB_FOOTNOTE, DAGGER, calib_footnotes, calibrated_on_eval,
-                                            paper_tables)
+from quantlab.tracking.paper_tables import (
+    CALIB_FOOTNOTE,
+    DAGGER,
+    calib_footnotes,
+    calibrated_on_eval,
+    paper_tables,
+)
 from quantlab.tracking.published import published_tables
 from quantlab.tracking.record import RunRecord, write_text_atomic
-from quantlab.tracking.runset import (SUPERSEDED_TITLE, Resolved, collect, label_variants, pooled, resolve,
-                                       superseded_frame)
+from quantlab.tracking.runset import (
+    SUPERSEDED_TITLE,
+    Resolved,
+    collect,
+    label_variants,
+    pooled,
+    resolve,
+    superseded_frame,
+)
 from quantlab.tracking.sampling_report import sampling_plots
 
 logger = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from datetime import datetime, timezone
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,14 @@ def _from_config(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def with_variant(record: RunRecord) -> RunRecord:
-    """``record`` with its variant filled in where it can be (a copy; the record on disk is unchanged)."""
-    if record.variant or not record.output_dir:
+def with_variant(record: RunRecord, run_dir: Path | None = None) -> RunRecord:
+    """``record`` with its variant filled in where it can be (a copy; the record on disk is unchanged).
+
+    ``run_dir``: where its files are (default ``record.output_dir``; differs for a copied results tree).
+    """
+    if record.variant or not (run_dir or record.output_dir):
         return record
-    run_dir = Path(record.output_dir)
+    run_dir = Path(run_dir or record.output_dir)
     variant = _read_json(run_dir / VARIANT_FILE)
     if not (isinstance(variant, dict) and variant.get("id")):
         variant = _from_config(run_dir)
@@ -124,23 +127,22 @@ def collect(root: Path) -> list[RunRecord]:
         if not path.is_file():
             continue
         try:
-            records.append(read_record(path))
+            records.append(with_variant(read_record(path), path.parent))
         except DataError as exc:
             logger.warning("skipping unreadable run record: %s", exc)
     for hydra_dir in sorted(root.rglob(".hydra")):
         run_dir = hydra_dir.parent
         if hydra_dir.is_dir() and not (run_dir / RESULT_FILE).exists():
-            records.append(_incomplete_record(run_dir, root))
+            records.append(with_variant(_incomplete_record(run_dir, root)))
     seen = {str(Path(r.output_dir).resolve()) for r in records if r.output_dir}
     for r in list(records):  # a skipped sweep job stands for an earlier run, maybe in another sweep dir
         existing = (r.error or {}).get("existing") if r.status == "skipped" else None
         if existing and str(Path(existing).resolve()) not in seen and (Path(existing) / RESULT_FILE).is_file():
             seen.add(str(Path(existing).resolve()))
             try:
-                records.append(read_record(Path(existing)))
+                records.append(with_variant(read_record(Path(existing))))
             except DataError as exc:
                 logger.warning("skipped job %s: its earlier run is unreadable: %s", r.output_dir, exc)
-    records = [with_variant(r) for r in records]
     records.sort(key=lambda r: (r.experiment or "", r.started_at or "", r.run_id or ""))
     return records
 
