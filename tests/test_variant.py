@@ -488,3 +488,26 @@ def test_report_main_end_to_end(tmp_path, capsys):
     assert "| incomplete |" in footer
     before_footer = md.split(f"## {SUPERSEDED_TITLE}", 1)[0]
     assert "run-rtn-old" not in before_footer and "rtn_s1_killed" not in before_footer
+
+
+def test_sampling_sweep_slices_share_one_label_and_other_knobs_do_not():
+    """One job per temperature of Roy's grid is one study (its tables join the slices); a different prompt set
+    is a different variant with its own label. Both stay distinct variants (never deduplicated as reruns)."""
+    def rec(run_id: str, temperature: float, prompts: str) -> RunRecord:
+        settings = {"model": {"name": "smollm2_135m"}, "quantizer": {"name": "bnb", "config": {"mode": "nf4"}},
+                    "calib": None, "evals": {"sampling": {"kind": "sampling_sweep", "temperature": temperature,
+                                                          "top_k": None, "prompts": prompts}}, "version": 1}
+        variant = {"id": variant_id(settings), "settings": settings,
+                   "slices": ["evals.sampling.temperature", "evals.sampling.top_k"]}
+        return RunRecord(run_id=run_id, status="ok", experiment="ptq", output_dir=f"/r/{run_id}",
+                         started_at=f"2026-02-01T09:00:0{run_id[-1]}", model={"name": "smollm2_135m"},
+                         quantizer={"name": "bnb"}, quant_summary={"method_label": "bnb.nf4"}, variant=variant)
+
+    records = [rec("a1", 0.1, "roy2023"), rec("a2", 0.7, "roy2023"), rec("a3", 0.1, "mine.txt")]
+    resolved = resolve(records)
+    assert len(resolved.rows) == 3 and not resolved.superseded  # three variants, no rerun
+    labels = {r.run_id: r.quant_summary.get("display_label", r.quant_summary["method_label"])
+              for r in label_variants(resolved.rows)}
+    assert labels["a1"] == labels["a2"]  # the two temperature slices: one label
+    assert labels["a1"] != labels["a3"] and "prompts=mine.txt" in labels["a3"]
+    assert "temperature" not in labels["a1"] + labels["a3"]

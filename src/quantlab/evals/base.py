@@ -41,6 +41,10 @@ class Evaluator(ABC):
     #: fields that change how the evaluator runs, never its numbers (left out of the run's variant,
     #: :mod:`quantlab.tracking.variant`)
     execution_fields: ClassVar[tuple[str, ...]] = ()
+    #: fields that pick which slice of one study a job computes (a multirun axis whose jobs are parts of
+    #: one grid, e.g. the sampling sweep's ``temperature``): in the variant, but the report gives the slices
+    #: one label so the study's tables join them
+    slice_fields: ClassVar[tuple[str, ...]] = ()
 
     def variant_settings(self) -> dict[str, Any]:
         """The settings that can change this evaluator's numbers (part of the run's variant): every field

@@ -11,6 +11,8 @@
   experiments (:func:`pooled`), so the same run reported by two studies is not counted twice.
 * Labels (:func:`label_variants`): two variants that share a method label and model get labels that
   name the knobs in which they differ (``llm_qat w4pcs 4-8-4 [train.lr=2e-05]``), so no table pools them.
+  Slices of one study (jobs that differ only in an evaluator's ``slice_fields``, e.g. one sampling-sweep
+  temperature each) keep one label, so the study's tables join them.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import yaml
 
 from quantlab.errors import DataError
 from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record
-from quantlab.tracking.variant import VARIANT_FILE, differing_knobs
+from quantlab.tracking.variant import VARIANT_FILE, differing_knobs, variant_id, without_slices
 
 logger = logging.getLogger(__name__)
 
@@ -205,12 +207,12 @@ def _base_label(r: RunRecord) -> str:
     return " ".join(x for x in ((r.quantizer or {}).get("name") or "?", r.format_name() or "") if x)
 
 
-def pool_key(r: RunRecord) -> str | None:
-    """What a table cell pools on: the variant id, plus the calibration tokens' hash when the run built
-    calibration data (same settings over changed data files are different runs)."""
-    vid = _vid(r)
+def _label_key(r: RunRecord) -> str | None:
+    """What shares one label: the variant without its slice fields, plus the calibration tokens' hash."""
+    if not _vid(r):
+        return None
     sha = (r.calib or {}).get("sha256")
-    return f"{vid}:{str(sha)[:8]}" if vid and sha else vid
+    return variant_id(dict(without_slices(r.variant or {}), calib_tokens=sha))
 
 
 def label_variants(records: Sequence[RunRecord]) -> list[RunRecord]:
@@ -219,19 +221,19 @@ def label_variants(records: Sequence[RunRecord]) -> list[RunRecord]:
     same method label and model (see the module docstring); the recorded ``method_label`` is kept."""
     by_label: dict[tuple, dict[str, RunRecord]] = defaultdict(dict)
     for r in records:
-        key = pool_key(r)
+        key = _label_key(r)
         if key:
             by_label[(_base_label(r), (r.model or {}).get("name"))].setdefault(key, r)
     suffix: dict[str, str] = {}
     for variants in by_label.values():
         if len(variants) < 2:
             continue
-        settings = {k: dict((r.variant or {}).get("settings") or {}, calib_tokens=(r.calib or {}).get("sha256"))
+        settings = {k: dict(without_slices(r.variant or {}), calib_tokens=(r.calib or {}).get("sha256"))
                     for k, r in variants.items()}
         suffix.update(differing_knobs(settings))
     out = []
     for r in records:
-        extra = suffix.get(pool_key(r) or "")
+        extra = suffix.get(_label_key(r) or "")
         if extra:
             qs = dict(r.quant_summary or {})
             qs["display_label"] = f"{_base_label(r)} [{extra}]"

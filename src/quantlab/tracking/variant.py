@@ -17,7 +17,7 @@ included, not only what the YAML spelled out):
 * ``calib``: the calibration config, only when the run builds calibration data (same rule as the
   harness). The calibration *tokens* hash is known only after the data is built: it is recorded next
   to the variant (``RunRecord.calib["sha256"]``) and tables split runs whose tokens differ
-  (:func:`pool_key`), but it is not part of :func:`variant_id`, so a job can be skipped before it loads
+  (:func:`quantlab.tracking.runset.label_variants`), but it is not part of :func:`variant_id`, so a job can be skipped before it loads
   anything.
 * ``evals``: each evaluator's config (protocol, decoding, budget, dataset, ...), minus its
   :attr:`~quantlab.evals.base.Evaluator.execution_fields` (workers, resume, ...).
@@ -96,9 +96,24 @@ def variant_settings(spec: RunSpec) -> dict[str, Any]:
 
 
 def make_variant(spec: RunSpec) -> dict[str, Any]:
-    """``{"id": <12 hex>, "settings": {...}}`` of ``spec`` (what :class:`RunRecord.variant` holds)."""
+    """``{"id": <12 hex>, "settings": {...}, "slices": [...]}`` of ``spec`` (what :class:`RunRecord.variant`
+    holds); ``slices`` are the dotted paths of the evaluators' ``slice_fields`` (not hashed separately)."""
     settings = variant_settings(spec)
-    return {"id": variant_id(settings), "settings": settings}
+    slices = [f"evals.{ev.name}.{f}" for ev in spec.evals for f in ev.slice_fields]
+    return {"id": variant_id(settings), "settings": settings, "slices": slices}
+
+
+def without_slices(variant: dict[str, Any]) -> dict[str, Any]:
+    """The variant's settings without its slice paths: what one study's slices share."""
+    settings = json.loads(_canonical(variant.get("settings") or {}))
+    for path in variant.get("slices") or []:
+        *parents, leaf = path.split(".")
+        node = settings
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return settings
 
 
 # ----------------------------------------------------------------------------- differences

@@ -86,6 +86,7 @@ class SamplingSweep(Evaluator):
     resume: bool = True
     plots: bool = True
     execution_fields: ClassVar[tuple[str, ...]] = ("resume", "plots")
+    slice_fields: ClassVar[tuple[str, ...]] = ("temperature", "top_k")  # one job per grid slice
 
     def __post_init__(self) -> None:
         key = f"eval.{self.name or 'sampling'}"
