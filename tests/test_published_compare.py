@@ -281,3 +281,22 @@ def test_bootstrap_value_matches_the_exact_bootstrap_distribution(items, exact):
     ci = bootstrap_value(items, n_resamples=10_000, seed=0)
     assert ci.observed == pytest.approx(arr.mean())
     assert (ci.low, ci.high) == pytest.approx((lo, hi), abs=1e-12)
+
+
+def test_llmqat_zero_shot_protocol_key_is_what_lm_eval_records():
+    """The table's protocol must name a provenance key the lm-eval evaluator writes (``n_shot``), or no
+    run could ever fill the paper's column."""
+    import inspect
+
+    from quantlab.evals import lm_eval_tasks
+
+    (table,) = [t for t in load_published() if t.key == "llmqat_table1"]
+    src = inspect.getsource(lm_eval_tasks._task_facts)
+    for key in table.protocol:
+        assert f'"{key}"' in src
+
+
+def test_a_baseline_with_quantized_activations_is_not_the_full_precision_row():
+    rec = RunRecord(run_id="r", status="ok", experiment="e", output_dir="", started_at="2026-01-01",
+                    quantizer={"name": "none"}, quant_summary={"method_label": "fp16", "wakv": "16-8-8"})
+    assert run_settings(rec) == {"16-8-8"}

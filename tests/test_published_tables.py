@@ -30,7 +30,7 @@ HEAD = {  # (arxiv, table, seed_file, scale, protocol)
     "sqplus_table5": ("2312.03788", 5, "000_fad326752c33a30f.txt", 1, {"protocol": "sqplus"}),
     "roy_table6": ("2309.05210", 6, "002_819dfa2d0fe55b1a.txt", 1, {}),
     "roy_table7": ("2309.05210", 7, "002_819dfa2d0fe55b1a.txt", 1, {}),
-    "llmqat_table1": ("2305.17888", 1, "004_53d317d0d0d0bf16.txt", 0.01, {"num_fewshot": 0}),
+    "llmqat_table1": ("2305.17888", 1, "004_53d317d0d0d0bf16.txt", 0.01, {"n_shot": 0}),
     "llmqat_table2": ("2305.17888", 2, "004_53d317d0d0d0bf16.txt", 1, {}),
 }
 

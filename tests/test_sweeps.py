@@ -123,6 +123,7 @@ def test_a_single_job_command_line_is_a_run(tmp_path):
     (["+exp=sqplus_smollm2"], False),                            # the preset's five methods
     (["+exp=sqplus_smollm2", "quantizer=awq"], True),
     (["quantizer=nope"], False),                                 # a bad override: Hydra reports it
+    (["quantizer=gptq", "hydra.mode=MULTIRUN"], False),          # asked for a sweep explicitly
 ])
 def test_single_job_argv(argv, single):
     assert single_job_argv(argv, str(CONF)) is single

@@ -21,6 +21,8 @@ from quantlab.tracking.runset import with_variant
 
 logger = logging.getLogger(__name__)
 
+_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
 
 def _peek(path: Path) -> dict[str, Any] | None:
     try:
@@ -91,7 +93,9 @@ def log_failures(sweep_dir: Path) -> list[tuple[str, str]]:
 
 def single_job_argv(argv: Sequence[str], config_dir: str, config_name: str = "config") -> bool:
     """True when ``argv`` (command-line overrides, no ``-m``) runs exactly one job although the composed
-    config asks for MULTIRUN: every key the sweeper would sweep is given one value on the command line."""
+    config asks for MULTIRUN: every key the sweeper would sweep is given one value on the command line.
+    False with any flag, an explicit ``hydra.mode``, or a launcher other than Hydra's local one (a
+    cluster launcher submits even one job as a sweep)."""
     if any(a.startswith("-") for a in argv):  # -m, --cfg, -cn, ...: Hydra decides as usual
         return False
     from hydra import compose, initialize_config_dir
@@ -112,6 +116,8 @@ def single_job_argv(argv: Sequence[str], config_dir: str, config_name: str = "co
     if str(cfg.hydra.mode) not in ("MULTIRUN", "RunMode.MULTIRUN"):
         return False
     keys = {o.key_or_group for o in given}
+    if "hydra.mode" in keys or cfg.hydra.launcher.get("_target_") != _BASIC_LAUNCHER:
+        return False  # asked for explicitly, or a cluster launcher: a one-job sweep is how it submits
     params = cfg.hydra.sweeper.get("params") or {}
     for key, value in params.items():
         if key in keys:

@@ -114,6 +114,9 @@ def run_settings(r: RunRecord) -> set[str]:
     if not tokens:
         return set()
     if (r.quantizer or {}).get("name") == "none" and len(tokens) == 1:
+        wakv = str((r.quant_summary or {}).get("wakv") or "16-16-16")
+        if wakv != "16-16-16":  # the baseline with quantized activations / KV cache (16-A-KV)
+            return {wakv}
         return {tokens[0], "16-16-16"} if tokens[0] in ("fp16", "bf16") else {tokens[0]}
     if tokens[0].startswith("bnb."):
         return {tokens[0][4:]}
