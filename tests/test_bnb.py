@@ -17,6 +17,7 @@ from quantlab.models.loaders import ModelConfig, load_model
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.pipeline import build_spec, run
 from quantlab.quantizers.bnb import BnbConfig, BnbQuantizer
+from quantlab.tracking.variant import make_variant
 
 try:
     import bitsandbytes as bnb
@@ -55,6 +56,8 @@ def test_bnb_presets_run_through_the_pipeline_and_generate(mode, tmp_path):
     expect = {"bnb_nf4": 4.5, "bnb_fp4": 4.5, "bnb_nf4_dq": 4.127, "bnb_fp4_dq": 4.127}.get(mode)
     if expect is not None:
         assert rec.bits_per_weight == pytest.approx(expect, abs=1e-3)
+        assert rec.quant_summary["compute_dtype"] == "bfloat16"  # the paper's (Roy section 2.2), on CPU too
+    assert rec.quant_summary["method_label"] == "bnb." + mode[4:].replace("_", "-")
 
     spec = build_spec(cfg)
     q, loaded = _load(spec.quantizer)
@@ -150,6 +153,30 @@ def test_double_quantization_shrinks_a_wide_model():
         q = BnbQuantizer(BnbConfig(format=fmt))
         sizes[name] = model_footprint(load_model(wide, q.load_config(torch.float32)).model).total
     assert sizes["nf4-dq"] < sizes["nf4"] < sizes["int8"] < sizes["fp"]
+
+
+ROY_PRESETS = [f"ptq_sampling_{m}" for m in ("llama2_7b", "llama2_13b", "llama2_70b", "falcon_7b", "falcon_40b",
+                                               "redpajama_3b", "stablelm_3b", "smollm2")]
+
+
+@pytest.mark.parametrize("preset", ROY_PRESETS)
+def test_roy_presets_compute_the_4bit_modes_in_bfloat16(preset):
+    """Roy's paper computes nf4/fp4 in bfloat16 (section 2.2): every 4-bit mode of the study composes
+    with it, int8 keeps no compute dtype, and the variant records it; the model dtype instead is a
+    different variant and a different label."""
+    for mode in MODES:
+        spec = build_spec(compose([f"+exp={preset}", f"quantizer={mode}"]))
+        label = BnbQuantizer(spec.quantizer).label(spec.model.dtype)
+        stored = make_variant(spec)["settings"]["quantizer"]["config"]["compute_dtype"]
+        assert label == "bnb." + mode[4:].replace("_", "-")
+        if mode == "bnb_int8":
+            assert spec.quantizer.compute_dtype is None and stored is None
+            continue
+        assert spec.quantizer.compute_dtype == "bfloat16" and stored == "bfloat16"
+        model_dtype = build_spec(compose([f"+exp={preset}", f"quantizer={mode}", "quantizer.compute_dtype=null"]))
+        short = {"float16": "fp16", "float32": "fp32"}[spec.model.dtype]
+        assert BnbQuantizer(model_dtype.quantizer).label(spec.model.dtype) == f"{label} compute:{short}"
+        assert make_variant(model_dtype)["id"] != make_variant(spec)["id"]
 
 
 def test_bad_configs_name_their_key():

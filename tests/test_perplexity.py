@@ -143,11 +143,13 @@ def test_provenance_and_metric_name(model_tok, ctx):
     prov = res.provenance["ppl/local"]
     for key in (
         "ppl_protocol", "seqlen", "stride", "dataset", "split", "path", "files", "text_sha256",
-        "n_tokens_total", "n_tokens_scored", "n_windows", "max_windows", "tokenizer", "add_bos",
+        "n_tokens_total", "n_tokens_scored", "n_windows", "max_windows", "tokenizer", "special_tokens",
+        "bos_at_stream_start",
     ):
         assert key in prov, key
     assert prov["ppl_protocol"] == "hf_strided" and prov["n_windows"] == 3 and prov["max_windows"] == 3
-    assert prov["files"][0] == "json/decoder.py" and prov["add_bos"] is False
+    assert prov["files"][0] == "json/decoder.py" and prov["special_tokens"] == "reference"
+    assert prov["bos_at_stream_start"] is False  # the tiny byte tokenizer adds no special token
     assert prov["n_tokens_scored"] == 127 + 2 * 64
     gptq = dataclasses.replace(ev, protocol="gptq_nonoverlap").run(model, tok, ctx)
     assert "stride" not in gptq.provenance["ppl/local"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose, run_cli
+from quantlab.pipeline import build_spec
 
 TINY = ["+exp=demo_tiny", "quantizer.format.group_size=32", "eval=[ppl_local]", "eval.ppl_local.max_windows=2"]
 
@@ -95,7 +96,8 @@ def test_paper_presets_compose(exp):
     awq = compose([f"+exp={exp}", "quantizer=awq"])
     assert awq.calib.source == "pile" and awq.calib.n_samples == 128 and awq.calib.seqlen == 512
     gptq = compose([f"+exp={exp}", "quantizer=gptq"])
-    assert gptq.calib.source == "c4" and gptq.quantizer.format.zero_in_range is True
+    assert gptq.calib.source == "c4" and gptq.quantizer.format.zero_in_range is None  # left to the method
+    assert build_spec(gptq).quantizer.format.zero_in_range is True                     # GPTQ's own
     assert gptq.quantizer.format.group_size == 128
 
 
@@ -109,7 +111,7 @@ def test_smollm2_preset_uses_group_size_64():
     for method in ("gptq", "awq"):
         c = compose(["+exp=sqplus_smollm2", f"quantizer={method}"])
         assert c.calib.source == "local" and c.calib.path == "stdlib_calib"
-    assert compose(["+exp=sqplus_smollm2", "quantizer=gptq"]).quantizer.format.zero_in_range is True
+    assert build_spec(compose(["+exp=sqplus_smollm2", "quantizer=gptq"])).quantizer.format.zero_in_range is True
     assert compose(["+exp=sqplus_smollm2", "quantizer=awq", "calib=random_8x64"]).calib.source == "random"
 
 
@@ -117,7 +119,6 @@ def test_smollm2_preset_uses_group_size_64():
 def test_paper_preset_runs_land_in_the_papers_column(exp, model):
     """What a GPU user's `+exp=smoothquant_plus_34b` records (model name, method label from the quantizer, the
     evaluator's protocol name) matches SmoothQuant+ Table 1's rows, so the report shows paper | ours."""
-    from quantlab.pipeline import build_spec
     from quantlab.quantizers.base import quantizer_class
     from quantlab.tracking.published import compare_table, load_published
     from quantlab.tracking.record import RunRecord

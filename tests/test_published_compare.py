@@ -300,3 +300,9 @@ def test_a_baseline_with_quantized_activations_is_not_the_full_precision_row():
     rec = RunRecord(run_id="r", status="ok", experiment="e", output_dir="", started_at="2026-01-01",
                     quantizer={"name": "none"}, quant_summary={"method_label": "fp16", "wakv": "16-8-8"})
     assert run_settings(rec) == {"16-8-8"}
+
+
+def test_a_bnb_run_off_the_papers_compute_dtype_is_not_the_papers_row():
+    rec = RunRecord(run_id="r", status="ok", experiment="e", output_dir="", started_at="2026-01-01",
+                    quantizer={"name": "bnb"}, quant_summary={"method_label": "bnb.nf4 compute:fp16"})
+    assert run_settings(rec) == {"nf4 compute:fp16"}

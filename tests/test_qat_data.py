@@ -1,11 +1,16 @@
-"""LLM-QAT data-free generation: greedy prefixes, strategies, first-token modes, resume."""
+"""LLM-QAT data-free generation: greedy prefixes, strategies, first-token modes, top-k sampling, resume."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
+from conftest import compose
 
 from quantlab.errors import ConfigError
+from quantlab.pipeline import build_spec
 from quantlab.qat.datagen import SEQUENCES, DataGenConfig, generate_data
+from quantlab.tracking.variant import make_variant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,3 +75,41 @@ def test_bad_settings_name_their_key():
         DataGenConfig(strategy="beam")
     with pytest.raises(ConfigError, match="quantizer.data.greedy_prefix"):
         DataGenConfig(greedy_prefix=(0,))
+
+
+def _sampled_ranks(model, rows) -> list[tuple[float, float]]:
+    """``(logit of the sampled token, 50th largest logit)`` at every sampled position (one full forward
+    per sequence: position ``p`` is drawn from the teacher's distribution after ``ids[:p]``)."""
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            logits = model(torch.tensor([r["ids"]])).logits[0]
+            for p in range(r["greedy_len"], len(r["ids"])):
+                out.append((float(logits[p - 1, r["ids"][p]]), float(logits[p - 1].topk(50).values[-1])))
+    return out
+
+
+def test_sampling_defaults_to_the_reference_top_50_and_top_k_0_samples_the_full_softmax(tiny, tmp_path):
+    """The reference (LLM-QAT's generate_data.py, HF generate's default top_k=50) samples among the 50
+    most likely tokens; top_k=0 (the full softmax over the tiny model's 259 tokens) goes beyond them."""
+    model, tok = tiny
+    assert DataGenConfig().top_k == 50
+    ref = DataGenConfig(n_sequences=4, max_length=40, strategy="sample", seed=0, batch_size=4)
+    drawn = _sampled_ranks(model, generate_data(model, tok, ref, tmp_path / "k50"))
+    assert len(drawn) == 156  # 4 sequences x 39 sampled tokens (no EOS drawn)
+    # 1e-4: room for float noise between the cached decode and a full forward (measured: the lowest
+    # sampled logit is exactly the 50th largest, margin 0.0)
+    assert all(logit >= kth - 1e-4 for logit, kth in drawn)
+    full = generate_data(model, tok, dataclasses.replace(ref, top_k=0), tmp_path / "k0")
+    outside = [logit < kth - 1e-3 for logit, kth in _sampled_ranks(model, full)]
+    assert len(outside) == 156 and sum(outside) >= 20  # measured 67 of 156 outside the top 50 (a flat teacher)
+
+
+@pytest.mark.parametrize("preset", ["llm_qat", "llm_qat_paper", "llm_qat_cpu"])
+def test_llm_qat_presets_sample_the_teacher_data_like_the_reference(preset):
+    """Every LLM-QAT preset composes with the reference's top_k=50, and the variant records it."""
+    spec = build_spec(compose(["+exp=demo_tiny", f"quantizer={preset}"]))
+    assert spec.quantizer.data.top_k == 50 and spec.quantizer.data.temperature == 1.0
+    assert make_variant(spec)["settings"]["quantizer"]["config"]["data"]["top_k"] == 50
+    other = build_spec(compose(["+exp=demo_tiny", f"quantizer={preset}", "quantizer.data.top_k=0"]))
+    assert make_variant(other)["id"] != make_variant(spec)["id"]

@@ -1,12 +1,14 @@
 """SmoothQuant+: exact smoothing, the whole-model loss, the alpha search, quality vs RTN, artifacts, config."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import cpu_ctx as _ctx  # noqa: E402,I001
 from conftest import as_sequences as _as_sequences
+from conftest import compose
 from conftest import random_calib as _calib
 
 from quantlab.algorithms import alpha_search as AS
@@ -17,8 +19,11 @@ from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
+from quantlab.pipeline import build_spec
 from quantlab.quantizers import smoothquant_plus as SQP
 from quantlab.quantizers.artifacts import save_artifacts
+from quantlab.tracking.record import write_table
+from quantlab.tracking.variant import variant_settings
 from quantlab.quantizers.smoothquant_plus import (
     SmoothQuantPlusConfig,
     SmoothQuantPlusQuantizer,
@@ -100,6 +105,137 @@ def test_search_loss_is_the_final_models_logits_mse(tmp_path):
         w = rtn.get_submodule(name).weight
         w.data = affine.fake_quantize(w.data, FMT)
     assert res.rtn_loss == pytest.approx(((_logits(rtn, calib.tokens) - ref) ** 2).mean().item(), rel=1e-9)
+
+
+def _hand_quantized(alpha: float | None, tokens: torch.Tensor) -> torch.nn.Module:
+    """Independent reference: the float64 tiny model smoothed by hand with eq. (6) scales (1e-5 floors, max|x|
+    of each group's input in the fp model, max|W| over the concatenated consumers) folded by eq. (5) into
+    input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, up_proj rows -> down_proj; then every
+    decoder Linear RTN-rounded with ``affine.fake_quantize``. ``alpha=None``: plain RTN."""
+    model, _ = build_tiny_llama(dtype=torch.float64)
+    layers = model.model.layers
+    xmax: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hook(key):
+        def pre(_mod, args):
+            m = args[0].abs().reshape(-1, args[0].shape[-1]).amax(0)
+            xmax[key] = m if key not in xmax else torch.maximum(xmax[key], m)
+        return pre
+
+    handles = [getattr(getattr(layer, part), lin).register_forward_pre_hook(hook((i, lin)))
+               for i, layer in enumerate(layers) for part, lin in
+               (("self_attn", "q_proj"), ("mlp", "gate_proj"), ("mlp", "down_proj"))]
+    with torch.no_grad():
+        model(tokens)
+    for h in handles:
+        h.remove()
+
+    def s_of(x, ws):
+        w = torch.cat([w.abs() for w in ws]).amax(0)
+        return (x.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+
+    with torch.no_grad():
+        for i, layer in enumerate(layers if alpha is not None else []):
+            att, mlp = layer.self_attn, layer.mlp
+            s = s_of(xmax[i, "q_proj"], [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+            layer.input_layernorm.weight /= s
+            for lin in (att.q_proj, att.k_proj, att.v_proj):
+                lin.weight *= s
+            s = s_of(xmax[i, "gate_proj"], [mlp.gate_proj.weight, mlp.up_proj.weight])
+            layer.post_attention_layernorm.weight /= s
+            mlp.gate_proj.weight *= s
+            mlp.up_proj.weight *= s
+            s = s_of(xmax[i, "down_proj"], [mlp.down_proj.weight])
+            mlp.up_proj.weight /= s[:, None]
+            mlp.down_proj.weight *= s
+        for name in _targets(model):
+            w = model.get_submodule(name).weight
+            w.copy_(affine.fake_quantize(w, FMT))
+    return model
+
+
+def _final_hidden(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The last decoder layer's output after the final norm (transformers' ``last_hidden_state``), checked to
+    be exactly what lm_head reads."""
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        assert torch.equal(model.lm_head(h), model(tokens).logits)
+    return h
+
+
+def test_hidden_mse_is_the_final_norm_output_mse_of_the_hand_quantized_model():
+    """hidden_mse for alpha 0.35 (and plain RTN) == mean over tokens and hidden dims of the squared difference
+    of the final-norm outputs of the hand-smoothed+rounded model and the fp model (float64); a logits_mse
+    search records the same hidden_mse next to its own loss."""
+    calib = _calib()
+    fp, _ = build_tiny_llama(dtype=torch.float64)
+    mapping = get_mapping(fp)
+    kw = {"groups_fn": lambda b: smoothed_groups(mapping, b, False), "targets": _targets(fp),
+          "alphas": [0.35], "fmt": FMT, "device": CPU}
+    res = AS.search_alpha(fp, mapping, calib.tokens, loss="hidden_mse", **kw)
+    other = AS.search_alpha(fp, mapping, calib.tokens, loss="logits_mse", **kw)
+    h_fp = _final_hidden(fp, calib.tokens)
+    hand = {a: _final_hidden(_hand_quantized(a, calib.tokens), calib.tokens) for a in (0.35, None)}
+    expect, expect_rtn = (((hand[a] - h_fp) ** 2).mean().item() for a in (0.35, None))
+    # measured (float64, w4 g32): hidden_mse 0.1679 (RTN 0.2785), logits_mse 0.1668 (RTN 0.2799)
+    assert res.loss == "hidden_mse" and res.losses[0] == pytest.approx(expect, rel=1e-9)
+    assert res.rtn_loss == pytest.approx(expect_rtn, rel=1e-9)
+    assert res.hidden_mse == res.losses and res.rtn_hidden_mse == res.rtn_loss
+    assert other.loss == "logits_mse" and other.hidden_mse == res.losses
+    assert other.rtn_hidden_mse == res.rtn_loss
+    assert other.losses[0] != pytest.approx(expect, rel=1e-3)  # a different quantity
+
+
+def test_hidden_mse_search_picks_the_argmin_of_its_own_curve_and_names_its_loss(tmp_path):
+    cfg = {"format": FMT, "alpha_step": 0.125}
+    res = {}
+    for loss in ("hidden_mse", "logits_mse"):
+        model, _ = build_tiny_llama()
+        res[loss] = SmoothQuantPlusQuantizer(SmoothQuantPlusConfig(loss=loss, **cfg)).quantize(
+            model, _calib(), _ctx(tmp_path / loss))
+    rows = res["hidden_mse"].tables["alpha_search"]
+    summary = res["hidden_mse"].summary
+    best = min(range(len(rows)), key=lambda i: rows[i]["loss"])
+    assert [r["chosen"] for r in rows] == [i == best for i in range(len(rows))]
+    assert summary["alpha"] == rows[best]["alpha"] and summary["best_loss"] == rows[best]["loss"]
+    assert summary["loss"] == "hidden_mse" and all(r["loss_name"] == "hidden_mse" for r in rows)
+    assert all(r["hidden_mse"] == r["loss"] for r in rows)
+    assert summary["hidden_mse_best"] == summary["best_loss"]
+    assert summary["hidden_mse_rtn"] == summary["loss_rtn"]
+    # the default search records its own loss, named, and the same hidden_mse column
+    lrows, lsum = res["logits_mse"].tables["alpha_search"], res["logits_mse"].summary
+    assert lsum["loss"] == "logits_mse" and all(r["loss_name"] == "logits_mse" for r in lrows)
+    assert [r["hidden_mse"] for r in lrows] == [r["loss"] for r in rows]
+    assert [r["loss"] for r in lrows] != [r["loss"] for r in rows]
+    assert lsum["hidden_mse_best"] == next(r["hidden_mse"] for r in lrows if r["chosen"])
+    # the written table (alpha_search.json) keeps the loss name with every value
+    write_table(rows, tmp_path, "alpha_search")
+    back = json.loads((tmp_path / "alpha_search.json").read_text())
+    expect = [(r["alpha"], r["loss"], "hidden_mse") for r in rows]
+    assert [(r["alpha"], r["loss"], r["loss_name"]) for r in back] == expect
+
+
+def test_label_shows_a_non_default_search_loss():
+    def label(**kw):
+        return SmoothQuantPlusQuantizer(SmoothQuantPlusConfig(**kw)).label("float32")
+
+    base = label()
+    assert "loss:" not in base and base.startswith("smoothquant_plus ")
+    for loss in ("hidden_mse", "kl"):
+        assert label(loss=loss) == f"{base} loss:{loss}"
+    # a given alpha runs no search: the loss does not matter and is not shown
+    assert label(alpha=0.5, loss="hidden_mse") == label(alpha=0.5)
+
+
+def test_default_loss_composes_as_documented():
+    """The YAML's default is logits_mse (quantlab's choice, = the config's); loss is part of the variant."""
+    spec = build_spec(compose(["quantizer=smoothquant_plus"]))
+    assert spec.quantizer.loss == "logits_mse" == SmoothQuantPlusConfig().loss == SQP.DEFAULT_LOSS
+    other = build_spec(compose(["quantizer=smoothquant_plus", "quantizer.loss=hidden_mse"]))
+    assert other.quantizer.loss == "hidden_mse"
+    a, b = variant_settings(spec)["quantizer"]["config"], variant_settings(other)["quantizer"]["config"]
+    assert (a["loss"], b["loss"]) == ("logits_mse", "hidden_mse")
+    assert {**a, "loss": None} == {**b, "loss": None}
 
 
 @pytest.mark.parametrize("fmt", [FMT, QuantFormat(bits=3, group_size=16), QuantFormat(bits=4, group_size=-1),

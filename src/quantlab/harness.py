@@ -225,7 +225,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     model = result.model
     out.quant_summary = {**result.summary, "method_label": ctx.method_label}
     if quantizer.format is not None:
-        out.format = {**quantizer.format.to_dict(), "short_name": quantizer.format.short_name()}
+        out.format = {**quantizer.format.to_dict(), "short_name": quantizer.format_label()}
         out.bits_per_weight = weighted_bits_per_weight(quantizer, model, result.quantized_layers)
     log.info("quantizer %s done in %.2fs (%d layers)", quantizer.name, out.quant_time_s, len(result.quantized_layers))
     if spec.save_artifacts and result.artifacts:

@@ -15,6 +15,8 @@ and GPTQ computes all rows of ``H^-1`` it needs at once as the upper Cholesky fa
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 
@@ -157,7 +159,7 @@ def inverse_hessian_factor(
 
 def _per_row(fmt: QuantFormat) -> QuantFormat:
     """``fmt`` with one parameter set per row, for parameters of (and rounding on) a column slice."""
-    return QuantFormat(bits=fmt.bits, group_size=-1, symmetric=fmt.symmetric, zero_in_range=fmt.zero_in_range)
+    return dataclasses.replace(fmt, group_size=-1)
 
 
 def _slice_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:

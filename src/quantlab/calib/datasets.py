@@ -8,10 +8,18 @@ Sampling schemes:
 
 * ``random_windows`` (GPTQ): ``n_samples`` windows of ``seqlen`` tokens at seeded random offsets.
   For ``c4`` this is GPTQ's exact scheme (random document with more than ``seqlen`` tokens, random
-  window inside it, see :func:`quantlab.data.text.gptq_doc_windows`); for the other sources the
-  offsets index the concatenation of all documents (in source order, separated by the tokens of
-  ``"\\n\\n"`` as in GPTQ's ``"\\n\\n".join``). Windows may overlap.
-* ``chunks`` (AWQ-style concatenation; llm-awq ``get_calib_dataset`` concatenates Pile documents
+  window inside it, each document tokenized with the tokenizer's default special tokens as GPTQ's
+  ``tokenizer(text)`` does: a BOS per document for Llama; see :func:`quantlab.data.text.gptq_doc_windows`);
+  for the other sources the offsets index the concatenation of all documents (in source order,
+  separated by the tokens of ``"\\n\\n"``). There quantlab differs from GPTQ's ``get_wikitext2``, which
+  tokenizes the joined text once (one BOS at its start for Llama, tokens merged across the joins):
+  quantlab tokenizes each document without special tokens. Windows may overlap.
+* ``awq_blocks`` (AWQ, llm-awq ``get_calib_dataset``, step for step, :func:`quantlab.data.text.awq_doc_blocks`):
+  documents in the order of Hugging Face ``datasets``' ``shuffle(seed)`` (numpy ``default_rng(seed)``
+  permutation), stripped, tokenized with the default special tokens (a BOS per document for Llama),
+  those longer than 512 tokens skipped, the first ``n_samples`` *documents* concatenated with no
+  separator and cut into blocks of ``seqlen``: usually far fewer than ``n_samples`` blocks.
+* ``chunks`` (quantlab's AWQ-like concatenation, kept for comparison; llm-awq ``get_calib_dataset`` concatenates Pile documents
   and cuts 512-token blocks): documents in a seeded random order, separated by the tokenizer's EOS
   token (``"\\n\\n"`` if it has none), cut into consecutive ``seqlen`` chunks; the first
   ``n_samples`` are kept (all of them for ``n_samples=-1``). Documents attend to each other inside a
@@ -41,11 +49,13 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from quantlab.data.text import (
     HUB_SPLITS,
     encode_text,
+    awq_doc_blocks,
     encode_texts,
     gptq_doc_windows,
     humaneval_prompts,
@@ -62,7 +72,7 @@ from quantlab.utils.checks import is_int
 log = logging.getLogger(__name__)
 
 SOURCES: tuple[str, ...] = ("humaneval", "local", "wikitext2", "c4", "pile", "random")
-SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks", "documents")
+SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks", "documents", "awq_blocks")
 BOS_MODES: tuple[str, ...] = ("auto", "always", "never")
 _OFFLINE_HINT = "Offline? Use calib.source=local calib.path=/some/*.txt (or calib.path=stdlib_calib)"
 
@@ -87,6 +97,10 @@ class CalibConfig:
             and ignores them.
         bos: ``documents`` only: ``auto`` (the tokenizer's default), ``always`` or ``never`` (see
             the module docstring).
+        order: ``documents`` only: ``source`` (the source's order) or ``hf_shuffle`` (Hugging Face
+            ``datasets``' ``shuffle(seed)`` order, numpy ``default_rng(seed).permutation``, as SmoothQuant's
+            ``get_act_scales`` takes its first ``n_samples`` Pile samples; empty rows are then dropped,
+            where SmoothQuant would feed their special tokens alone).
     """
 
     source: str
@@ -97,6 +111,7 @@ class CalibConfig:
     split: str = "train"
     sampling: str = "random_windows"
     bos: str = "auto"
+    order: str = "source"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -119,6 +134,10 @@ class CalibConfig:
                 "-1 (every chunk / document) needs calib.sampling=chunks or documents and a text source; "
                 "give a positive count",
             )
+        if self.order not in ("source", "hf_shuffle"):
+            raise ConfigError("calib.order", f"unknown order {self.order!r}; use source or hf_shuffle")
+        if self.order != "source" and self.sampling != "documents":
+            raise ConfigError("calib.order", f"order={self.order} applies to calib.sampling=documents only")
         if self.bos not in BOS_MODES:
             raise ConfigError("calib.bos", f"unknown mode {self.bos!r}; use one of {', '.join(BOS_MODES)}")
         if self.bos != "auto" and self.sampling != "documents":
@@ -227,7 +246,7 @@ def _documents(cfg: CalibConfig, texts: list[str], tokenizer: Any, prov: dict[st
                     n_trunc, len(docs), cfg.seqlen)
     seqs = tuple(torch.tensor(ids, dtype=torch.int64) for ids in docs)
     lens = [len(ids) for ids in docs]
-    prov.update(order="source", bos=cfg.bos, bos_token_id=bos, n_starting_with_bos=sum(ids[0] == bos for ids in docs),
+    prov.update(order=cfg.order, bos=cfg.bos, bos_token_id=bos, n_starting_with_bos=sum(ids[0] == bos for ids in docs),
                 max_tokens_per_document=cfg.seqlen, n_truncated=n_trunc, n_tokens_available=sum(lens))
     data = CalibData(seqs, cfg.source, len(seqs), max(lens), cfg.seed, tokens_sha256(seqs), prov)
     lr = data.describe()["lengths"]
@@ -270,16 +289,23 @@ def build_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None = None)
         **prov,
         "text_sha256": text_sha256(texts),  # of the source as read (same hash as the perplexity eval's)
     }
-    texts = [t for t in texts if t]
+    rows, texts = texts, [t for t in texts if t]
     prov.update(n_documents=len(texts), tokenizer=getattr(tokenizer, "name_or_path", ""))
     if not texts:
         raise _too_little(cfg, 0, "the source has no non-empty documents")
     if cfg.sampling == "documents":
+        if cfg.order == "hf_shuffle":
+            texts = [rows[int(i)] for i in np.random.default_rng(cfg.seed).permutation(len(rows)) if rows[int(i)]]
         return _documents(cfg, texts, tokenizer, prov)
 
-    if cfg.sampling == "random_windows" and cfg.source == "c4":
+    if cfg.sampling == "awq_blocks":  # llm-awq's rows in its shuffle order, empty rows included
+        tokens, stats = awq_doc_blocks(rows, tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)
+        prov.update(stats, scheme="llm-awq get_calib_dataset", special_tokens="tokenizer default (BOS per document)",
+                    n_documents=len(rows))
+    elif cfg.sampling == "random_windows" and cfg.source == "c4":
         tokens, stats = gptq_doc_windows(texts, tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)
-        prov.update(stats, n_tokens_available=stats["n_tokens_tokenized"], scheme="gptq_c4_doc_windows")
+        prov.update(stats, n_tokens_available=stats["n_tokens_tokenized"], scheme="gptq_c4_doc_windows",
+                    special_tokens="tokenizer default (per document, as GPTQ)")
     else:
         sep, sep_label = _separator(tokenizer, cfg.sampling)
         docs = encode_texts(tokenizer, texts)
@@ -289,7 +315,7 @@ def build_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None = None)
             docs = [docs[i] for i in order]
         stream = _concat(docs, sep)
         n_avail = len(stream)
-        prov.update(n_tokens_available=n_avail, separator=sep_label)
+        prov.update(n_tokens_available=n_avail, separator=sep_label, special_tokens="none")
         if cfg.sampling == "chunks":
             n_chunks = n_avail // cfg.seqlen
             n = n_chunks if cfg.n_samples == -1 else cfg.n_samples

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from quantlab.errors import DataError
@@ -278,16 +279,22 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in out["input_ids"]]
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Tokenize one (possibly very long) text; see :func:`encode_texts`."""
-    out = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+def encode_text(tokenizer: Any, text: str, special_tokens: bool = False) -> list[int]:
+    """Tokenize one (possibly very long) text; see :func:`encode_texts`. ``special_tokens``: with the
+    tokenizer's default special tokens, as ``tokenizer(text)`` in the GPTQ / AWQ / HF reference code does
+    (a leading BOS for Llama tokenizers; nothing for SmolLM2's or the tiny byte tokenizer)."""
+    out = tokenizer(text, add_special_tokens=special_tokens, return_attention_mask=False, verbose=False)
     return list(out["input_ids"])
 
 
 def gptq_doc_windows(
-    texts: Sequence[str], tokenizer: Any, n_windows: int, seqlen: int, seed: int
+    texts: Sequence[str], tokenizer: Any, n_windows: int, seqlen: int, seed: int, special_tokens: bool = True
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """GPTQ's C4 sampler: each window comes from a random document long enough for it.
+
+    Each drawn document is tokenized as GPTQ does, ``tokenizer(text)`` with the tokenizer's default
+    special tokens (``special_tokens=False``: without them): for Llama a leading BOS, which counts in the
+    document's length and so in the offset draw, and is in the window when the offset is 0.
 
     For each of ``n_windows``: draw a document index uniformly (``random.Random(seed)``, the same
     Mersenne-Twister draws as GPTQ's ``random.seed(seed); random.randint``), redraw until the
@@ -313,7 +320,7 @@ def gptq_doc_windows(
         while True:
             i = rng.randint(0, len(texts) - 1)
             if i not in cache:
-                cache[i] = encode_text(tokenizer, texts[i])
+                cache[i] = encode_text(tokenizer, texts[i], special_tokens)
                 long_enough += len(cache[i]) > seqlen
             ids = cache[i]
             if len(ids) > seqlen:
@@ -333,3 +340,47 @@ def gptq_doc_windows(
         "n_docs_long_enough": long_enough,
     }
     return torch.tensor(rows, dtype=torch.int64).reshape(n_windows, seqlen), stats
+
+
+def awq_doc_blocks(
+    texts: Sequence[str], tokenizer: Any, n_docs: int, block: int, seed: int, max_doc_tokens: int = 512
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """llm-awq's ``get_calib_dataset`` (``awq/utils/calib_data.py``), step for step.
+
+    The documents in the order of Hugging Face ``datasets``' ``shuffle(seed=seed)`` (a permutation from
+    ``numpy.random.default_rng(seed)``; the same order for the same rows); each is ``.strip()``-ed and
+    tokenized with the tokenizer's default special tokens (``tokenizer.encode``: a BOS per document for
+    Llama); documents of more than ``max_doc_tokens`` tokens (llm-awq: 512, whatever the block size) and
+    empty ones are skipped; the first ``n_docs`` kept documents are concatenated with no separator and cut
+    into ``len // block`` blocks of ``block`` tokens (the remainder is dropped). With the Pile's documents
+    this gives far fewer blocks than ``n_docs`` (llm-awq prints "Split into N blocks").
+
+    Returns:
+        ``(blocks, stats)``: int64 (n_blocks, block) and ``{"n_docs_used", "n_docs_skipped_long",
+        "n_docs_seen", "n_tokens_concatenated"}``.
+
+    Raises:
+        DataError: the kept documents hold fewer than ``block`` tokens.
+    """
+    order = np.random.default_rng(seed).permutation(len(texts))
+    kept: list[list[int]] = []
+    long = seen = 0
+    for i in order:
+        seen += 1
+        ids = encode_text(tokenizer, texts[int(i)].strip(), special_tokens=True)
+        if len(ids) > max_doc_tokens:
+            long += 1
+            continue
+        if not ids:
+            continue
+        kept.append(ids)
+        if len(kept) == n_docs:
+            break
+    stream = [t for ids in kept for t in ids]
+    n_blocks = len(stream) // block
+    if n_blocks == 0:
+        raise DataError(f"llm-awq blocks: {len(kept)} documents of at most {max_doc_tokens} tokens hold "
+                        f"{len(stream)} tokens, fewer than one block of {block}. Fix: more documents or a smaller seqlen")
+    stats = {"n_docs_used": len(kept), "n_docs_skipped_long": long, "n_docs_seen": seen,
+             "n_tokens_concatenated": len(stream)}
+    return torch.tensor(stream[: n_blocks * block], dtype=torch.int64).view(n_blocks, block), stats

@@ -11,7 +11,9 @@
 
 Text assembly follows GPTQ: WikiText-2 ``"\\n\\n".join(texts)``, local files joined with ``"\\n\\n"``,
 C4 = 256 random ``seqlen`` windows from validation documents longer than ``seqlen`` (``seed 0``).
-No BOS token is added.
+Special tokens as the reference code adds them (``special_tokens=reference``, default): ``tokenizer(text)``
+with the tokenizer's default special tokens, i.e. for Llama one BOS at the start of the joined stream
+(GPTQ, HF) or of each C4 document (GPTQ); ``special_tokens=none`` adds none (quantlab before 2026-12).
 """
 from __future__ import annotations
 
@@ -166,6 +168,12 @@ class PerplexityEval(Evaluator):
         stride: window step, ``hf_strided`` only (``1 <= stride <= seqlen``).
         max_windows: evaluate only the first ``max_windows`` windows (bounds CPU time; recorded).
         batch_size: windows per forward pass (equal-length windows only are batched together).
+        special_tokens: ``reference`` (default): the text is tokenized as the reference protocols do,
+            ``tokenizer(text)`` with the tokenizer's default special tokens: GPTQ's wikitext2 / HF's strided
+            evaluation get one BOS at the start of the joined stream for Llama tokenizers (so only the
+            first window starts with it), GPTQ's C4 windows one per document; SmolLM2's and the tiny
+            byte tokenizer add none, so their numbers are those of ``none``. ``none``: no special tokens
+            (quantlab before 2026-12). Recorded in the provenance with ``bos_at_stream_start``.
     """
 
     dataset: str = "local"
@@ -176,6 +184,7 @@ class PerplexityEval(Evaluator):
     stride: int = 512
     max_windows: int | None = None
     batch_size: int = 1
+    special_tokens: str = "reference"
 
     execution_fields: ClassVar[tuple[str, ...]] = ("batch_size",)  # same windows, same sums
 
@@ -196,6 +205,8 @@ class PerplexityEval(Evaluator):
             raise ConfigError(
                 self._key("dataset"), f"unknown dataset {self.dataset!r}; use one of {', '.join(DATASETS)}"
             )
+        if self.special_tokens not in ("reference", "none"):
+            raise ConfigError(self._key("special_tokens"), f"must be reference or none, got {self.special_tokens!r}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(
                 self._key("protocol"),
@@ -241,7 +252,8 @@ class PerplexityEval(Evaluator):
         if self.dataset == "c4":
             texts = load_hub_texts("c4", self.split, hint=hint)
             n = C4_EVAL_WINDOWS if self.max_windows is None else min(C4_EVAL_WINDOWS, self.max_windows)
-            stack, stats = gptq_doc_windows(texts, tokenizer, n, self.seqlen, C4_EVAL_SEED)
+            stack, stats = gptq_doc_windows(texts, tokenizer, n, self.seqlen, C4_EVAL_SEED,
+                                            special_tokens=self.special_tokens == "reference")
             prov = {"split": self.split, "c4_windows": n, "c4_seed": C4_EVAL_SEED, **stats}
             return stack.reshape(-1), {**prov, "text_sha256": text_sha256(texts)}
         if self.dataset == "local":
@@ -253,7 +265,7 @@ class PerplexityEval(Evaluator):
             texts = load_hub_texts(self.dataset, self.split, hint=hint)
             prov = {"split": self.split}
         joined = "\n\n".join(texts)
-        ids = torch.tensor(encode_text(tokenizer, joined), dtype=torch.int64)
+        ids = torch.tensor(encode_text(tokenizer, joined, self.special_tokens == "reference"), dtype=torch.int64)
         return ids, {**prov, "text_sha256": text_sha256(texts)}
 
     def _windows(self, n_tokens: int) -> list[Window]:
@@ -361,7 +373,8 @@ class PerplexityEval(Evaluator):
             max_windows=self.max_windows,
             mean_nll=mean_nll,
             tokenizer=getattr(tokenizer, "name_or_path", ""),
-            add_bos=False,
+            special_tokens=self.special_tokens,
+            bos_at_stream_start=bool(n_tokens) and int(tokens[0]) == getattr(tokenizer, "bos_token_id", None),
         )
         log.info("%s = %.4f (%d tokens scored)", self.metric, ppl, count)
         per_item = {self.metric: {str(i): w for i, w in enumerate(per_window)}}

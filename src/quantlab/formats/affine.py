@@ -13,8 +13,13 @@ Parameter choice (``choose_qparams``):
     s = max(max(w) - min(w), 1e-5) / maxq,  z = clamp(-round(min(w) / s), 0, maxq)
   * asymmetric, ``zero_in_range=True`` (GPTQ ``Quantizer.find_params``): range widened to contain 0,
     an all-zero group gets [-1, 1]; s = (xmax - xmin) / maxq, z = round(-xmin / s)
-  * symmetric (restricted range, no clipping): s = max|w| / (2^(b-1) - 1), z = 2^(b-1)
-    (the all-zero group gets s = 1).
+  * symmetric, ``symmetric_grid="restricted"`` (LLM-QAT Eq. 3; no clipping): s = max|w| / (2^(b-1) - 1),
+    z = 2^(b-1), codes 1..2^b - 1 (the all-zero group gets s = 1).
+  * symmetric, ``symmetric_grid="full"`` (GPTQ ``Quantizer.find_params`` with ``sym=True``, line for line):
+    xmin = min(min(w), 0), xmax = max(max(w), 0); xmax = max(|xmin|, xmax); where xmin < 0, xmin = -xmax;
+    an all-zero group gets [-1, 1]; s = (xmax - xmin) / maxq, z = (maxq + 1) / 2. So s = 2 max|w| / maxq
+    with all 2^b codes, except in a group with no negative weight, where GPTQ keeps xmin = 0 and
+    s = max(w) / maxq with z = 2^(b-1): its top half clips at 7/15 of max(w) (b = 4). Reproduced as is.
   Groups whose scale underflows to 0 (subnormal weights) are treated like all-zero groups.
 
 All math runs in float32 (float64 inputs stay float64) and results are cast back by callers.
@@ -53,6 +58,16 @@ def choose_qparams(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, tor
     """
     wg = group_view(w.to(_compute_dtype(w)), fmt)
     maxq = fmt.maxq
+    if fmt.symmetric and fmt.symmetric_grid == "full":
+        xmin = wg.amin(dim=-1).clamp(max=0)
+        xmax = torch.maximum(wg.amax(dim=-1).clamp(min=0), xmin.abs())
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+        both_zero = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
+        xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
+        scale = (xmax - xmin) / maxq
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0 / maxq))  # subnormal: as all-zero
+        return scale, torch.full_like(scale, float((maxq + 1) // 2))
     if fmt.symmetric:
         qpos = 2 ** (fmt.bits - 1) - 1
         scale = wg.abs().amax(dim=-1) / qpos

@@ -10,6 +10,12 @@ The paper publishes no code, so the definition is explicit and recorded with eve
 3. content words = words not in scikit-learn's ``ENGLISH_STOP_WORDS`` (318 words; the scikit-learn
    version is pinned in ``pyproject.toml`` and recorded) and at least ``min_len`` characters long;
 4. ``duplicates = n_content - n_unique_content`` (every occurrence after a word's first one).
+
+The length floor of step 3 is not in the paper, which removes stop words only: ``min_len`` (default
+2) is quantlab's choice. It drops the single letters that are not stop words (all but "a" and "i"):
+variable names such as "x", list markers, and the "s" of an "it's" typed with a typographic
+apostrophe (U+2019), which the regex splits off. ``min_len=1`` (``eval.sampling.min_len=1``) keeps
+them: the paper's definition, with no length floor.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Any
 
 WORD_PATTERN = r"[A-Za-z]+(?:'[A-Za-z]+)?"
 _WORD_RE = re.compile(WORD_PATTERN)
-MIN_LEN = 2
+MIN_LEN = 2  # quantlab's choice, not the paper's (module docstring); 1 = no length floor
 
 
 @lru_cache(maxsize=1)

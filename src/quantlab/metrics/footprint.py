@@ -7,8 +7,9 @@ offset and the two code books), and an LLM.int8 layer its fp32 row scales (``wei
 them nf4 and nf4-dq would weigh the same. :func:`model_footprint` counts every distinct tensor storage
 once: parameters, buffers and those quantization states.
 
-GB here is 10^9 bytes (the paper's fp16 Llama-2-7B row, 13.53 GB = 6.74e9 params x 2 bytes, uses
-decimal GB).
+GB here is 10^9 bytes, as in the paper: its fp16 Llama-2-7B row prints 13.53 GB, close to 6.74e9
+params x 2 bytes = 13.48e9 bytes = 13.48 GB (12.55 GiB in binary units); the paper does not say what
+its extra 0.05 GB is.
 """
 from __future__ import annotations
 

@@ -2,14 +2,22 @@
 
 Each sequence starts from one vocabulary token, continues greedily (top-1) until it holds ``j``
 tokens, ``j`` drawn from ``greedy_prefix`` (the paper: "the first 3~5 tokens"), then samples from the
-softmax up to ``max_length`` tokens (``strategy=hybrid``). ``greedy`` and ``sample`` are the paper's
-two ablation arms (Table 5: all greedy / all sampled).
+50 most likely tokens (``top_k``, below) up to ``max_length`` tokens (``strategy=hybrid``).
+``greedy`` and ``sample`` are the paper's two ablation arms (Table 5: all greedy / all sampled).
 
 Where the paper and its public code differ (``first_token``):
 
 * ``random`` (paper): the first token is drawn uniformly from the vocabulary, seeded per sequence;
 * ``enumerate`` (code, ``generate_data.py``): sequence ``i`` starts from token id ``i // len(prefixes)``
   and takes each greedy-prefix length in turn (the code makes 3 sequences per id: prefixes 3, 4, 5).
+
+Sampling (``top_k``, ``temperature``): the paper samples "from top-k candidates" (Fig. 2) without
+giving k; the code calls ``model.generate(do_sample=True)`` with no other sampling setting, so
+Hugging Face's ``GenerationConfig`` defaults apply (transformers 4.30.1, its ``requirement.txt``):
+``top_k=50``, temperature 1.0, ``top_p=1``.
+The defaults here are the same (``top_k=50``, ``temperature=1.0``, no nucleus cut). ``top_k=0``
+samples the full softmax (quantlab's default before 2026-12); the method label then says
+``data.top_k:0`` (see :meth:`~quantlab.quantizers.llm_qat.LLMQATQuantizer.label`).
 
 Sequences are generated in batches through :func:`quantlab.generation.generate` (continuous
 batching, per-sequence seeded sampling) and appended to ``sequences.jsonl`` (one fsynced line per
@@ -49,7 +57,9 @@ class DataGenConfig:
         strategy: ``hybrid`` (greedy prefix, then sampled), ``greedy`` or ``sample``.
         greedy_prefix: candidate lengths ``j`` of the greedy prefix, first token included (hybrid).
         first_token: ``random`` (paper) or ``enumerate`` (the public code).
-        temperature, top_k: sampling settings of the sampled part (1.0 and 0 = the plain softmax).
+        temperature: softmax temperature of the sampled part (1.0: paper and code).
+        top_k: sample from the ``top_k`` most likely tokens (50: the code's Hugging Face default and
+            the paper's "top-k candidates"); 0 = the full softmax (not the reference).
         seed: seeds first tokens, prefix lengths and sampling.
         batch_size: sequences decoded together.
         exclude_special: never start from a special token (BOS/EOS/PAD).
@@ -61,7 +71,7 @@ class DataGenConfig:
     greedy_prefix: tuple[int, ...] = (3, 4, 5)
     first_token: str = "random"
     temperature: float = 1.0
-    top_k: int = 0
+    top_k: int = 50
     seed: int = 0
     batch_size: int = 16
     exclude_special: bool = True

@@ -1,9 +1,16 @@
 """Logit distillation of a fake-quantized student from its full-precision teacher (LLM-QAT section 2.1).
 
 Loss: cross-entropy between the teacher's and the student's next-token distributions at every
-position, Eq. (4) of the paper, ``L = -1/n sum_c sum_i p_T(c) log p_S(c)``; no ground-truth term.
-The public code computes ``KL(p_T || p_S)`` (``kd_trainer.py``, reduction batchmean): same gradient,
-lower by the teacher's entropy. ``loss="soft_ce"`` or ``"kl"`` picks what is reported.
+position, Eq. (4) of the paper, ``L = -1/n sum_c sum_i p_T(c) log p_S(c)``, averaged over the B x T
+token positions of a micro-batch; no ground-truth term. ``loss="kl"`` reports ``KL(p_T || p_S)``
+instead, lower by the teacher's entropy (a constant of the student): the two have the same gradient.
+The public code (``kd_trainer.py``) computes ``F.kl_div(log p_S, p_T, reduction="batchmean")`` on
+``(B, T, vocab)`` logits, i.e. the per-token KL *summed* over the T positions and averaged over the B
+sequences: T times ``loss="kl"`` here (T = the block length, 2048 in ``run_train.sh``), so its
+gradient is T times this one. Under AdamW a constant factor on the loss changes the update only
+through ``eps``, but the code's Hugging Face Trainer also clips the gradient norm at 1.0
+(``TrainingArguments.max_grad_norm``'s default), and whether a step is clipped depends on that scale;
+quantlab does not clip.
 
 Optimiser as in ``run_train.sh``: AdamW, lr 2e-5, weight decay 0, cosine schedule without warmup;
 every parameter of the student is trained. Batches are drawn from a permutation seeded by (seed,
@@ -46,7 +53,8 @@ class TrainConfig:
         grad_accum: micro-batches per optimiser step.
         seq_len: tokens per training sequence (generated texts are concatenated and cut).
         lr, weight_decay, warmup_steps: AdamW with a cosine schedule to 0.
-        loss: ``soft_ce`` (the paper's Eq. 4) or ``kl`` (the code); same gradient.
+        loss: ``soft_ce`` (the paper's Eq. 4) or ``kl`` (the code's divergence, per token: the code's
+            loss is this one summed over the sequence, see the module docstring); same gradient.
         seed: batch order.
         checkpoint_every: steps between checkpoints (0 = only at the end).
         precision: ``fp32`` or ``bf16`` (forward passes under bf16 autocast, as the reference's

@@ -68,6 +68,11 @@ class QuantizerConfig:
     #: fields that change how the method runs, never its result (left out of the run's variant,
     #: :mod:`quantlab.tracking.variant`)
     execution_fields: ClassVar[tuple[str, ...]] = ()
+    #: the method's own conventions, used where the format leaves them open (``null`` in the format YAMLs),
+    #: so a preset's format never silently changes another method's convention; a run that departs from
+    #: them shows it in its format label (:meth:`QuantFormat.short_name`)
+    default_zero_in_range: ClassVar[bool] = False        # AWQ / SmoothQuant+ / llm-awq min-max range
+    default_symmetric_grid: ClassVar[str] = "restricted"  # LLM-QAT's Eq. 3 grid
 
     def __post_init__(self) -> None:
         # Hydra passes lists; store tuples so configs stay hashable and immutable.
@@ -75,7 +80,9 @@ class QuantizerConfig:
         object.__setattr__(self, "exclude", _as_tuple(self.exclude, "quantizer.exclude"))
         fmt = getattr(self, "format", None)
         if isinstance(fmt, dict):
-            object.__setattr__(self, "format", QuantFormat(**fmt))
+            fmt = QuantFormat(**fmt)
+        if isinstance(fmt, QuantFormat):
+            object.__setattr__(self, "format", fmt.resolve(self.default_zero_in_range, self.default_symmetric_grid))
         if self.wakv is not None:
             setting = WAKV.parse(self.wakv)
             object.__setattr__(self, "wakv", str(setting))
@@ -152,8 +159,15 @@ class Quantizer(ABC, Generic[C]):
         if self.is_identity:
             return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(model_dtype, f"fp ({model_dtype})")
         fmt = self.format
-        text = f"{self.name} {fmt.short_name()}" if fmt is not None else self.name
+        text = f"{self.name} {self.format_label()}" if fmt is not None else self.name
         return f"{text} {self.config.wakv}" if self.config.wakv else text
+
+    def format_label(self) -> str | None:
+        """The format's short name, with the zero convention or symmetric grid where it departs from this
+        method's own (``w4g64a:awq-zero`` for GPTQ on AWQ's convention); None without a format."""
+        fmt = self.format
+        cfg = type(self.config)
+        return None if fmt is None else fmt.short_name(cfg.default_zero_in_range, cfg.default_symmetric_grid)
 
     def wakv_setting(self) -> WAKV:
         """The run's W-A-KV bits: ``config.wakv`` when set, else what the method does (weights at the

@@ -12,6 +12,10 @@ kernels. The *format* says what the weights become (one source of truth, as for 
   one fp32 scale per output row; activation columns with any value >= ``int8_threshold`` go through
   a 16-bit matmul with the int8-dequantized weights).
 
+The 4-bit matmuls run in ``compute_dtype``: Roy's study computes in bfloat16 (section 2.2, QLoRA's
+choice too), and so do the ``bnb_nf4*`` / ``bnb_fp4*`` presets; ``null`` (the dataclass default)
+computes in the model's dtype, and the label then names it (``bnb.nf4 compute:fp16``).
+
 The same codebooks as fake quantization (bit-exact, no bitsandbytes needed) are
 ``quantizer=nf4_ref`` / ``fp4_ref``.
 
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _GLOB = set("*?[")
 COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
+_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,10 @@ class BnbConfig(QuantizerConfig):
         format: what the weights become (see the module docstring): nf4/fp4 with group 64 and an
             fp32 absmax (``scale_bits: 32``), optionally ``double_quant``; or 8-bit symmetric
             per-channel for LLM.int8().
-        compute_dtype: dtype of the 4-bit matmuls (``bnb_4bit_compute_dtype``); ``null`` = the
-            model's dtype (QLoRA's recipe uses bfloat16).
+        compute_dtype: dtype of the 4-bit matmuls (``bnb_4bit_compute_dtype``; ignored by int8);
+            ``null`` = the model's dtype. Roy's study computes nf4/fp4 in bfloat16 (section 2.2), as
+            QLoRA does: the ``bnb_nf4*`` / ``bnb_fp4*`` presets set ``bfloat16``, and the label names
+            any other compute dtype (``bnb.nf4 compute:fp16``).
         int8_threshold: LLM.int8() outlier threshold (``llm_int8_threshold``; 6.0 as in the paper).
         cpu_bf16_kernel: on a CPU with AVX512-BF16, let bitsandbytes (0.50) repack every 4-bit layer at
             its first forward for its fast CPU kernel. That repack rounds the block absmax to bf16 and
@@ -149,8 +156,14 @@ class BnbQuantizer(Quantizer[BnbConfig]):
     quantizes_at_load = True
 
     def label(self, model_dtype: str) -> str:
-        """The paper's column names: ``bnb.nf4``, ``bnb.nf4-dq``, ``bnb.fp4``, ``bnb.fp4-dq``, ``bnb.int8``."""
-        return f"bnb.{self.config.mode}"
+        """The paper's column names: ``bnb.nf4``, ``bnb.nf4-dq``, ``bnb.fp4``, ``bnb.fp4-dq``, ``bnb.int8``;
+        a 4-bit mode that computes in another dtype than the paper's bfloat16 says which
+        (``bnb.nf4 compute:fp16``), so tables do not pool it with the paper's setting."""
+        mode = self.config.mode
+        compute = self.config.compute_dtype or model_dtype
+        if mode == "int8" or compute == "bfloat16":
+            return f"bnb.{mode}"
+        return f"bnb.{mode} compute:{_SHORT_DTYPES.get(compute, compute)}"
 
     def compute_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         cd = self.config.compute_dtype

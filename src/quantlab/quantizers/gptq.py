@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 def _gptq_format() -> QuantFormat:
-    return QuantFormat(bits=4, group_size=128, symmetric=False, zero_in_range=True)
+    return QuantFormat(bits=4, group_size=128, symmetric=False, zero_in_range=True, symmetric_grid="full")
 
 
 def _is_number(v: Any) -> bool:
@@ -57,8 +57,11 @@ class GPTQConfig(CalibratedConfig):
     """GPTQ settings (reference ``llama.py`` defaults, with groups of 128 as in most GPTQ checkpoints).
 
     Attributes:
-        format: weight format; GPTQ's convention widens every group's range to include 0
-            (``zero_in_range=True``).
+        format: weight format. Where the format leaves them open (``null``, as every format YAML does),
+            GPTQ's own conventions apply (``Quantizer.find_params``): asymmetric groups widen their range to
+            include 0 (``zero_in_range=True``); symmetric groups use GPTQ's ``--sym`` grid
+            (``symmetric_grid="full"``: s = 2 max|w| / (2^b - 1), z = 2^(b-1)). A format that sets another
+            convention is honoured and shows in the label (``gptq w4g128a:awq-zero``).
         damp: relative dampening added to diag(H), ``damp * mean(diag H)`` (reference ``percdamp``).
         damp_increment: added to ``damp`` whenever the Cholesky factorisation fails (the value used
             is recorded per layer); 0 disables the escalation.
@@ -73,12 +76,15 @@ class GPTQConfig(CalibratedConfig):
 
     format: QuantFormat = field(default_factory=_gptq_format)
     damp: float = 0.01
+
     damp_increment: float = 0.01
     max_damp: float = 1.0
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    default_zero_in_range: ClassVar[bool] = True
+    default_symmetric_grid: ClassVar[str] = "full"
 
     def __post_init__(self) -> None:
         super().__post_init__()

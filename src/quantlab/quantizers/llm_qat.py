@@ -1,9 +1,10 @@
 """LLM-QAT (Liu et al. 2023): data-free quantization-aware training with logit distillation.
 
 1. Data (section 2.1): the full-precision model generates its own training text, first token from the
-   vocabulary, a greedy prefix of 3-5 tokens, the rest sampled (:mod:`quantlab.qat.datagen`). The
-   sequences are cached under ``results/cache/qat_data/<teacher + settings hash>`` and reused by every
-   run with the same teacher and data settings (an interrupted generation resumes).
+   vocabulary, a greedy prefix of 3-5 tokens, the rest sampled from the 50 most likely tokens
+   (:mod:`quantlab.qat.datagen`). The sequences are cached under
+   ``results/cache/qat_data/<teacher + settings hash>`` and reused by every run with the same teacher
+   and data settings (an interrupted generation resumes).
 2. Student (section 2.2): the same model with every selected Linear swapped for a
    :class:`~quantlab.nn.qat.QATLinear`: weights W-bit symmetric MinMax per output channel, inputs A-bit
    per token, k_proj / v_proj outputs (the KV cache, before RoPE) KV-bit per token, Eq. (3), with a
@@ -16,7 +17,15 @@
 
 Where the public code differs from the paper the choice is a setting and is recorded: ``arith`` (Eq. 3
 vs the code's epsilons), ``ste_clip`` (plain STE vs the code's fixed [-2, 2] gradient window),
-``data.first_token`` (random vs enumerated), ``train.loss`` (soft CE vs KL).
+``data.first_token`` (random vs enumerated), ``train.loss`` (soft CE vs KL). Where the paper leaves a
+value open and the code fixes it, the default is the code's: ``data.top_k`` 50 (the paper: "sampled
+from top-k candidates", Fig. 2, no k given; the code's ``generate(do_sample=True)`` keeps Hugging
+Face's default top_k=50; ``data.top_k=0``, the full softmax, is not the reference). quantlab's own
+choices, stated in :mod:`quantlab.qat.train`: the loss is a mean over tokens (the code's is summed
+over the sequence, T times larger) and gradients are not clipped (the code's Hugging Face Trainer
+clips their norm at 1.0, its ``max_grad_norm`` default). The method label names the departures listed
+in :meth:`LLMQATQuantizer.label`; every setting (the budget, ``data.first_token``, ``train.loss``, ...)
+is in the run's variant.
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ from quantlab.utils.paths import results_root
 log = logging.getLogger(__name__)
 
 STUDENT_FILE = "student.safetensors"
+REFERENCE_TOP_K = 50  # the code's sampling of the teacher data (Hugging Face generate's default top_k)
 
 
 def _sub(value: Any, cls: type, key: str) -> Any:
@@ -150,12 +160,17 @@ class LLMQATQuantizer(Quantizer[LLMQATConfig]):
 
     def label(self, model_dtype: str) -> str:
         """``llm_qat w4pcs 4-8-4``, plus every choice that differs from the paper's method (``w:statsq``,
-        ``a:lsq``, ``arith:code``, ``ste_clip:2``), so tables never pool different variants."""
+        ``a:lsq``, ``arith:code``, ``ste_clip:2``) or from the reference's sampling of the teacher data
+        (``data.top_k:0`` for the full softmax; shown when some tokens are sampled, i.e. unless
+        ``data.strategy=greedy``), so tables never pool different variants. The data budget and the
+        other data settings are in the run's variant, not in the label."""
         c = self.config
+        samples = c.data.strategy != "greedy"
         extra = [f"w:statsq{'' if c.statsq_k == 2.0 else f'{c.statsq_k:g}'}" if c.w_quant == "statsq" else "",
                  f"a:{c.a_quant}" if c.a_quant != "minmax" else "",
                  f"arith:{c.arith}" if c.arith != "paper" else "",
-                 f"ste_clip:{c.ste_clip:g}" if c.ste_clip is not None else ""]
+                 f"ste_clip:{c.ste_clip:g}" if c.ste_clip is not None else "",
+                 f"data.top_k:{c.data.top_k}" if samples and c.data.top_k != REFERENCE_TOP_K else ""]
         return " ".join([super().label(model_dtype), *filter(None, extra)])
 
     def validate(self, model: nn.Module) -> None:

@@ -118,8 +118,8 @@ def run_settings(r: RunRecord) -> set[str]:
         if wakv != "16-16-16":  # the baseline with quantized activations / KV cache (16-A-KV)
             return {wakv}
         return {tokens[0], "16-16-16"} if tokens[0] in ("fp16", "bf16") else {tokens[0]}
-    if tokens[0].startswith("bnb."):
-        return {tokens[0][4:]}
+    if tokens[0].startswith("bnb."):  # the mode, and any non-paper choice after it (compute:fp16)
+        return {" ".join([tokens[0][4:], *tokens[1:]])}
     rest = tokens[2:]
     if rest and _WAKV.match(rest[0]) and not rest[0].endswith("-16-16"):
         return {" ".join(rest)}
