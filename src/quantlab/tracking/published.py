@@ -41,6 +41,7 @@ _CELL_KEYS = ("model", "method", "setting", "metric", "printed", "value")
 _WAKV = re.compile(r"^\d+-\d+-\d+$")
 CSR_AVG = "lm_eval/csr_avg"  # derived: mean of LLM-QAT's eight common-sense tasks
 NOT_RUN_TITLE = "Published tables with no matching run yet"
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def load_published(directory: Path = PUBLISHED_DIR) -> list[PublishedTable]:
     out = []
     for path in sorted(Path(directory).glob("*.yaml")):
         try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+            d = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)  # safe; C speed (1,126 cells)
         except (OSError, yaml.YAMLError) as exc:
             raise DataError(f"{path}: cannot read published table: {exc}") from exc
         missing = [k for k in _TABLE_KEYS if not isinstance(d, dict) or k not in d]
