@@ -10,26 +10,17 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from quantlab.tracking.record import RESULT_FILE, RunRecord, read_record, utc_now_iso, write_record
-from quantlab.tracking.runset import with_variant
+from quantlab.tracking.runset import read_json, with_variant
 
 logger = logging.getLogger(__name__)
 
 _BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-
-
-def _peek(path: Path) -> dict[str, Any] | None:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
 
 
 def find_existing(root: Path, experiment: str, variant_id: str, seed: int, exclude: Path | None = None) -> Path | None:
@@ -38,8 +29,8 @@ def find_existing(root: Path, experiment: str, variant_id: str, seed: int, exclu
     for path in Path(root).rglob(RESULT_FILE):
         if exclude is not None and path.parent.resolve() == exclude.resolve():
             continue
-        d = _peek(path)
-        if not d or d.get("status") != "ok" or d.get("experiment") != experiment or d.get("seed") != seed:
+        d = read_json(path)
+        if not isinstance(d, dict) or d.get("status") != "ok" or d.get("experiment") != experiment or d.get("seed") != seed:
             continue
         vid = (d.get("variant") or {}).get("id")
         if vid is None:  # written before variants existed: recompute from its config

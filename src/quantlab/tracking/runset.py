@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 SUPERSEDED_TITLE = "Superseded and skipped records (not in any table)"
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -47,7 +48,7 @@ def _read_json(path: Path) -> Any:
 
 def _from_config(run_dir: Path) -> dict[str, Any] | None:
     """The variant of an older run, rebuilt from its ``config_resolved.json`` (None when it cannot be)."""
-    cfg = _read_json(run_dir / "config_resolved.json")
+    cfg = read_json(run_dir / "config_resolved.json")
     if not isinstance(cfg, dict):
         return None
     try:
@@ -70,7 +71,7 @@ def with_variant(record: RunRecord, run_dir: Path | None = None) -> RunRecord:
     if record.variant or not (run_dir or record.output_dir):
         return record
     run_dir = Path(run_dir or record.output_dir)
-    variant = _read_json(run_dir / VARIANT_FILE)
+    variant = read_json(run_dir / VARIANT_FILE)
     if not (isinstance(variant, dict) and variant.get("id")):
         variant = _from_config(run_dir)
     return dataclasses.replace(record, variant=variant) if variant else record
@@ -207,12 +208,13 @@ def _base_label(r: RunRecord) -> str:
     return " ".join(x for x in ((r.quantizer or {}).get("name") or "?", r.format_name() or "") if x)
 
 
-def _label_key(r: RunRecord) -> str | None:
+def _label_settings(r: RunRecord) -> dict[str, Any]:
     """What shares one label: the variant without its slice fields, plus the calibration tokens' hash."""
-    if not _vid(r):
-        return None
-    sha = (r.calib or {}).get("sha256")
-    return variant_id(dict(without_slices(r.variant or {}), calib_tokens=sha))
+    return dict(without_slices(r.variant or {}), calib_tokens=(r.calib or {}).get("sha256"))
+
+
+def _label_key(r: RunRecord) -> str | None:
+    return variant_id(_label_settings(r)) if _vid(r) else None
 
 
 def label_variants(records: Sequence[RunRecord]) -> list[RunRecord]:
@@ -228,9 +230,7 @@ def label_variants(records: Sequence[RunRecord]) -> list[RunRecord]:
     for variants in by_label.values():
         if len(variants) < 2:
             continue
-        settings = {k: dict(without_slices(r.variant or {}), calib_tokens=(r.calib or {}).get("sha256"))
-                    for k, r in variants.items()}
-        suffix.update(differing_knobs(settings))
+        suffix.update(differing_knobs({k: _label_settings(r) for k, r in variants.items()}))
     out = []
     for r in records:
         extra = suffix.get(_label_key(r) or "")
