@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from quantlab.calib.datasets import CalibConfig, build_calib
+from quantlab.deploy.config import DeployConfig, check_packable
+from quantlab.deploy.run import deploy_result, packed_footprint, prepare_loaded
 from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
 from quantlab.metrics.footprint import GB, model_footprint, packed_estimate
@@ -44,6 +46,7 @@ class RunSpec:
         evals: evaluators, run in order on the quantized model.
         seed: seeds every RNG before loading.
         save_artifacts: write the quantizer's artifacts to ``artifacts.safetensors``.
+        deploy: pack the quantized model into real low-bit layers and/or export checkpoints.
     """
 
     model: ModelConfig
@@ -52,6 +55,7 @@ class RunSpec:
     evals: tuple[Evaluator, ...] = ()
     seed: int = 0
     save_artifacts: bool = False
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
 @dataclass
@@ -123,7 +127,7 @@ def _snapshot_weights(quantizer: Quantizer, model: nn.Module) -> dict[str, torch
     return {name: mod.weight.detach().to("cpu", copy=True) for name, mod in quantizer.target_linears(model)}
 
 
-def _footprint_metrics(quantizer: Quantizer, model: nn.Module, layers: list[str]) -> EvalResult:
+def _footprint_metrics(quantizer: Quantizer, model: nn.Module, layers: list[str], packed: bool = False) -> EvalResult:
     """``memory/footprint_gb`` (what the model holds, bitsandbytes states included; Table 6) and, for
     fake-quantized runs whose weights stay floating point, ``memory/packed_est_gb``."""
     out = EvalResult()
@@ -133,6 +137,8 @@ def _footprint_metrics(quantizer: Quantizer, model: nn.Module, layers: list[str]
         "protocol": "params + buffers + bitsandbytes quantization states, each storage once", **fp.describe(),
         "hf_get_memory_footprint_gb": fp.hf / GB,
     }
+    if packed:
+        return packed_footprint(model, out)
     fmt = quantizer.format
     if fmt is not None and layers and not quantizer.quantizes_at_load:
         bpw = {n: fmt.bits_per_weight(model.get_submodule(n).in_features) for n in layers}
@@ -188,9 +194,12 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     seed_everything(spec.seed)
     quantizer = build_quantizer(spec.quantizer)
     out.quantizer_name = quantizer.name
+    if spec.deploy.needs_codes:
+        check_packable(quantizer, "deploy.pack" if spec.deploy.pack else "deploy.export")
     loaded, fp_weights = _load(spec, quantizer)
     model, tok = loaded.model, loaded.tokenizer
     out.model_info = loaded.info
+    loaded_label = prepare_loaded(loaded, quantizer, spec.deploy)  # an exported checkpoint: packed layers
     quantizer.validate(model)
 
     quantizes = not quantizer.is_identity
@@ -207,7 +216,8 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     ctx = RunContext(
         device=loaded.device, seed=spec.seed, output_dir=output_dir, tokenizer=tok, calib=calib,
         keep_reference_weights=wants_fp, run_fingerprint=run_fingerprint(spec, calib),
-        method_label=quantizer.label(spec.model.dtype),
+        method_label=loaded_label or quantizer.label(spec.model.dtype) + spec.deploy.label(),
+        keep_codes=spec.deploy.needs_codes,
     )
 
     for ev in spec.evals:  # a missing eval dataset must not surface only after a long quantization
@@ -231,6 +241,8 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     if spec.save_artifacts and result.artifacts:
         path = save_artifacts(output_dir / ARTIFACTS_FILE, result.artifacts, quantizer.name, spec.quantizer.to_dict())
         out.quant_summary["artifacts_file"] = path.name
+    if spec.deploy.needs_codes:  # exports written from the codes, then (deploy.pack) real low-bit layers
+        out.quant_summary.update(deploy_result(spec.deploy, model, tok, result, output_dir, out))
     for name, rows in result.tables.items():
         out.tables[name] = rows
     out.images.update({k: str(v) for k, v in result.images.items()})
@@ -242,7 +254,8 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         ref = result.reference_weights if result.reference_weights is not None else fp_weights
         ctx.fp_weights = {k: v for k, v in ref.items() if k in set(result.quantized_layers)}
         del fp_weights
-    footprint = _footprint_metrics(quantizer, model, result.quantized_layers)  # before any forward (bnb may repack)
+    footprint = _footprint_metrics(quantizer, model, result.quantized_layers,  # before any forward (bnb may repack)
+                                   packed=spec.deploy.pack or bool(loaded_label))
     for ev in spec.evals:
         t1 = time.perf_counter()
         res = ev.run(model, tok, ctx)

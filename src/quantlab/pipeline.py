@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from quantlab.calib.datasets import CalibConfig
+from quantlab.deploy.config import DeployConfig
 from quantlab.errors import ConfigError, find_quantlab_error
 from quantlab.evals.base import Evaluator
 from quantlab.harness import RunOutcome, RunSpec, execute
@@ -70,6 +71,7 @@ def build_spec(cfg: DictConfig) -> RunSpec:
         evals=tuple(evals),
         seed=int(cfg.get("seed", 0)),
         save_artifacts=bool(cfg.get("save_artifacts", True)),
+        deploy=_build(cfg.get("deploy"), "deploy", DeployConfig) or DeployConfig(),
     )
 
 

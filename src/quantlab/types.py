@@ -135,6 +135,8 @@ class RunContext:
             seed, quantlab source); evaluators that cache expensive work (generations) key it on
             this. ``None`` outside the harness: nothing is reused across runs then.
         method_label: the method as tables and plots name it (e.g. ``rtn w4g64a``, ``bnb.nf4-dq``).
+        keep_codes: set by the harness when the run packs or exports its model: weight-only methods on an
+            integer grid then return every quantized Linear's codes in :attr:`QuantResult.codes`.
     """
 
     device: torch.device
@@ -146,6 +148,7 @@ class RunContext:
     keep_reference_weights: bool = False
     run_fingerprint: str | None = None
     method_label: str | None = None
+    keep_codes: bool = False
 
 
 @dataclass
@@ -163,6 +166,8 @@ class QuantResult:
         reference_weights: for methods that transform weights before rounding, the transformed
             full-precision weights (CPU, ``fqn -> (out, in)``), returned only when
             ``ctx.keep_reference_weights``; layer diagnostics compare against these.
+        codes: with ``ctx.keep_codes``, ``fqn -> QuantizedWeight`` (:mod:`quantlab.formats.codes`) for every
+            quantized Linear: what :mod:`quantlab.deploy` packs and exports.
     """
 
     model: torch.nn.Module
@@ -172,6 +177,7 @@ class QuantResult:
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     images: dict[str, Path] = field(default_factory=dict)
     reference_weights: dict[str, torch.Tensor] | None = None
+    codes: dict[str, Any] | None = None
 
 
 @dataclass

@@ -268,7 +268,8 @@ class LayerErrorEval(Evaluator):
             raise ValueError(f"fp_weights names modules that are not in the model: {missing}")
         layers = [(name, model.get_submodule(name)) for name in sorted(fp_weights, key=order.__getitem__)]
         for name, mod in layers:
-            w = dense_weight(mod) if isinstance(getattr(mod, "weight", None), torch.Tensor) else None
+            dense = isinstance(getattr(mod, "weight", None), torch.Tensor) or hasattr(mod, "quantized_weight")
+            w = dense_weight(mod) if dense else None  # packed layers (quantlab.nn.packed) dequantize
             want = tuple(fp_weights[name].shape)
             if not isinstance(w, torch.Tensor) or tuple(w.shape) != want:
                 got = None if not isinstance(w, torch.Tensor) else tuple(w.shape)

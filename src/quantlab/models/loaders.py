@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.deploy.load import load_packed, packed_quant_config
 from quantlab.errors import ConfigError, DataError
 from quantlab.utils.paths import cache_dir
 from quantlab.utils.torch_utils import resolve_device, resolve_dtype
@@ -34,7 +35,10 @@ class ModelConfig:
         name: short label used in tables (e.g. ``codellama_34b``).
         source: ``hf`` | ``tiny`` | ``smollm2_gguf``.
         hub_id: Hugging Face model id (``hf`` source).
-        path: local HF folder; when set it is loaded instead of ``hub_id``/the built-in source.
+        path: local HF folder; when set it is loaded instead of ``hub_id``/the built-in source. A folder
+            exported by ``python -m quantlab.export`` (or any compressed-tensors / GPTQ v1 / AWQ GEMM
+            checkpoint) loads with packed low-bit layers (:mod:`quantlab.deploy.load`; ``deploy.backend``
+            picks their kernel); run it with ``quantizer=none``.
         revision: hub revision (commit/tag) for reproducibility.
         dtype: parameter dtype (float32 | float16 | bfloat16 | float64 | auto).
         device: ``cpu`` | ``cuda`` | ``cuda:N`` | ``auto``.
@@ -142,7 +146,16 @@ def load_model(cfg: ModelConfig, quantization_config: Any = None) -> LoadedModel
     origin: dict[str, Any] = {}
     if cfg.path is not None:
         folder = Path(cfg.path).expanduser()
-        model, tok = _from_folder(folder, cfg, dtype, device_map, **extra)
+        if packed_quant_config(folder) is not None:  # an exported low-bit checkpoint: packed layers
+            if extra:
+                raise ConfigError("quantizer", f"{folder} is already quantized: use quantizer=none")
+            from transformers import AutoTokenizer
+
+            model, origin = load_packed(folder, torch.float32 if dtype == "auto" else dtype, device,
+                                        cfg.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(folder)
+        else:
+            model, tok = _from_folder(folder, cfg, dtype, device_map, **extra)
         origin["path"] = str(folder)
     elif cfg.source == "tiny":
         from quantlab.models.tiny import build_tiny_llama, byte_tokenizer

@@ -15,7 +15,7 @@ no error propagation, as in the reference):
    folded exactly (:func:`~quantlab.algorithms.smoothing.fold_scales`) and the cached inputs of the
    group's Linears are divided by it (llm-awq ``apply_scale``).
 3. Clip search for every target Linear except q/k (llm-awq ``auto_clip_block``), written into the
-   weights; then RTN (:func:`~quantlab.formats.affine.fake_quantize`) of the block's target Linears.
+   weights; then RTN (:func:`~quantlab.formats.codes.rtn_linears_`) of the block's target Linears.
 
 Variable-length calibration data (``calib.sampling=documents``) arrives as unpadded equal-length
 chunks (:func:`~quantlab.calib.sequential.plan_chunks`), so every sum and loss covers exactly the real
@@ -38,7 +38,7 @@ from quantlab.algorithms import awq as A
 from quantlab.algorithms.smoothing import fold_scales
 from quantlab.calib.sequential import BlockContext, BlockData, on_device, run_sequential
 from quantlab.errors import ConfigError
-from quantlab.formats import affine
+from quantlab.formats.codes import rtn_linears_
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping, relative_names
 from quantlab.quantizers import artifacts
@@ -190,20 +190,23 @@ class _BlockCache:
 class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
     """AWQ: activation-aware scale search (eq. 4-5), clip search, then group-wise RTN."""
 
+    packable = True
+
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         mapping = get_mapping(model)
         targets = set(self.block_targets(model, mapping))
         if self.config.load_artifacts:
-            return self._reapply(model, mapping, targets, ctx.device)
+            return self._reapply(model, mapping, targets, ctx.device, {} if ctx.keep_codes else None)
         if calib is None:
             raise ConfigError("calib", "awq needs calibration data")
         cfg = self.config
         n, lengths = calib.n_samples, calib.lengths
         keep = search_sequences(n, calib.n_tokens / n, cfg.search_tokens)
         st: dict[str, Any] = {"arts": {}, "rows": [], "skipped": {}, "clipped": 0,
-                              "ref": {} if ctx.keep_reference_weights else None}
+                              "ref": {} if ctx.keep_reference_weights else None,
+                              "codes": {} if ctx.keep_codes else None}
         t0 = time.perf_counter()
         run_sequential(model, mapping, calib.tokens, lambda b: self._block(b, targets, keep, st), device=ctx.device,
                        batch_size=cfg.batch_size, propagate="fp", desc="awq")
@@ -220,7 +223,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                  cfg.format.short_name(), len(rows), summary["mean_best_ratio"], st["clipped"],
                  summary["groups_skipped"], summary["search_s"])
         return QuantResult(model=model, quantized_layers=sorted(targets), artifacts=st["arts"], summary=summary,
-                           tables={"awq_scales": rows}, reference_weights=st["ref"])
+                           tables={"awq_scales": rows}, reference_weights=st["ref"], codes=st["codes"])
 
     # ------------------------------------------------------------------ one block
     def _groups(self, block: nn.Module, mapping: ArchMapping, block_name: str, targets: set[str]
@@ -264,7 +267,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             w.data.copy_(A.apply_clip(w.data, m, cfg.format))
             st["arts"][f"awq.clip.{b.full_name(rel)}"] = m.cpu()
             st["clipped"] += 1
-        _rtn(b.block, rel_t, cfg.format)
+        rtn_linears_(b.block, rel_t, cfg.format, st["codes"], prefix=f"{b.name}.")
 
     def _capture(self, b: BlockContext, groups: list[ScaleGroup], rel_t: list[str], keep: torch.Tensor | None
                  ) -> _BlockCache:
@@ -329,7 +332,8 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         return loss_of
 
     # ------------------------------------------------------------------ re-apply saved artifacts
-    def _reapply(self, model: nn.Module, mapping: ArchMapping, targets: set[str], device: torch.device) -> QuantResult:
+    def _reapply(self, model: nn.Module, mapping: ArchMapping, targets: set[str], device: torch.device,
+                 codes: dict | None) -> QuantResult:
         src = self.config.load_artifacts
         tensors, _saved = artifacts.load_artifacts(src, self.name)
         fmt = self.config.format
@@ -347,9 +351,9 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                         w = block.get_submodule(rel).weight
                         w.data.copy_(A.apply_clip(w.data, clip, fmt))
                         n_clip += 1
-                _rtn(block, rel_t, fmt)
+                rtn_linears_(block, rel_t, fmt, codes, prefix=f"{name}.")
         log.info("awq: re-applied scales and %d clips from %s", n_clip, src)
-        return QuantResult(model=model, quantized_layers=sorted(targets),
+        return QuantResult(model=model, quantized_layers=sorted(targets), codes=codes,
                            summary={"n_layers": len(targets), "layers_clipped": n_clip, "loaded_from": str(src)})
 
 
@@ -363,10 +367,3 @@ def _clip_sources(mapping: ArchMapping, rels: list[str], clip: bool) -> dict[str
         return {}
     first = {lin: g.linears[0] for g in mapping.groups for lin in g.linears}
     return {r: first.get(r, r) for r in rels if not any(t in r.rsplit(".", 1)[-1] for t in NO_CLIP)}
-
-
-def _rtn(block: nn.Module, rels: list[str], fmt: QuantFormat) -> None:
-    """Group-wise round-to-nearest of the block's target Linears (AutoAWQ's final step)."""
-    for rel in rels:
-        w = block.get_submodule(rel).weight
-        w.data.copy_(affine.fake_quantize(w.data, fmt))

@@ -147,6 +147,9 @@ class Quantizer(ABC, Generic[C]):
     #: True when :meth:`quantize` applies ``config.wakv`` itself (LLM-QAT); otherwise :meth:`apply`
     #: adds the activation and KV fake quantization after the method
     applies_wakv: ClassVar[bool] = False
+    #: True when, with ``ctx.keep_codes``, :meth:`quantize` returns every quantized Linear's integer codes
+    #: (:attr:`QuantResult.codes`): the run can be packed and exported (:mod:`quantlab.deploy`)
+    packable: ClassVar[bool] = False
 
     def __init__(self, config: C) -> None:
         if not isinstance(config, self.config_cls):

@@ -34,6 +34,7 @@ from quantlab.algorithms.gptq import (
 )
 from quantlab.calib.sequential import BlockContext, run_sequential
 from quantlab.errors import ConfigError
+from quantlab.formats.codes import QuantizedWeight, from_format
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, get_mapping
 from quantlab.quantizers import artifacts
@@ -113,13 +114,19 @@ def _block_subsets(mapping: ArchMapping, block_name: str, targets: set[str]) -> 
 class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
     """GPTQ on the shared calibration engine (fake quantization: dequantized weights in the model's dtype)."""
 
+    packable = True
+
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         mapping = get_mapping(model)
         targets = set(self.block_targets(model, mapping))
         if self.config.load_artifacts:
-            return self._reapply(model, targets)
+            res = self._reapply(model, targets)
+            res.codes = self.codes_from(res.artifacts, res.quantized_layers, res.summary.pop("format")) \
+                if ctx.keep_codes else None
+            res.artifacts = {}
+            return res
         if calib is None:
             raise ConfigError("calib", "gptq needs calibration data")
         rows: list[dict[str, Any]] = []
@@ -148,8 +155,16 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         log.info("gptq %s: %d layers, mean loss %.4g, damp max %.3g (%d escalated), %d dead columns, %.1fs",
                  self.config.format.short_name(), summary["n_layers"], summary["mean_gptq_loss"],
                  summary["damp_max"], summary["damp_escalated"], summary["dead_columns"], summary["search_s"])
-        return QuantResult(model=model, quantized_layers=[r["layer"] for r in rows], artifacts=arts,
-                           summary=summary, tables={"gptq_layers": rows})
+        layers = [r["layer"] for r in rows]
+        return QuantResult(model=model, quantized_layers=layers, artifacts=arts, summary=summary,
+                           tables={"gptq_layers": rows},
+                           codes=self.codes_from(arts, layers, self.config.format) if ctx.keep_codes else None)
+
+    @staticmethod
+    def codes_from(arts: dict[str, torch.Tensor], layers: list[str], fmt: QuantFormat) -> dict[str, QuantizedWeight]:
+        """Every layer's codes, scales, zeros and g_idx as a :class:`QuantizedWeight`."""
+        return {n: from_format(arts[f"{n}.qweight"], arts[f"{n}.scales"], arts[f"{n}.zeros"], fmt, arts[f"{n}.g_idx"])
+                for n in layers}
 
     def _one_pass(self, bctx: BlockContext, subsets: list[list[str]], rows: list, arts: dict) -> list[torch.Tensor]:
         """True-sequential GPTQ inside ONE forward when the whole calibration set is a single chunk.
@@ -264,6 +279,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
                 log.warning("gptq: %s was made with format %s, not %s; using the saved one",
                             src, fmt.short_name(), self.config.format.short_name())
         done = []
+        used: dict[str, torch.Tensor] = {}
         for name in sorted(targets):
             mod = model.get_submodule(name)
             codes, scales, zeros, g_idx = (artifacts.require(tensors, f"{name}.{k}", src)
@@ -274,6 +290,8 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             dev = mod.weight.device
             w = dequantize_gidx(codes.to(dev), scales.to(dev), zeros.to(dev), g_idx.to(dev), fmt)
             mod.weight.data.copy_(w.to(mod.weight.dtype))
+            used.update({f"{name}.{k}": t for k, t in zip(("qweight", "scales", "zeros", "g_idx"), (codes, scales, zeros, g_idx))})
             done.append(name)
         log.info("gptq: re-applied %d layers from %s", len(done), src)
-        return QuantResult(model=model, quantized_layers=done, summary={"n_layers": len(done), "loaded_from": str(src)})
+        return QuantResult(model=model, quantized_layers=done, artifacts=used,
+                           summary={"n_layers": len(done), "loaded_from": str(src), "format": fmt})

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantlab.formats import affine
+from quantlab.formats.codes import QuantizedWeight, from_format
 from quantlab.formats.nf4 import (
     dequantize_codebook,
     double_dequantize_absmax,
@@ -54,6 +55,7 @@ class RTNQuantizer(Quantizer[RTNConfig]):
     """Replaces each selected Linear's weight by its RTN fake-quantized value."""
 
     supported_kinds = ("int", "nf4", "fp4")
+    packable = True  # int formats (a codebook format is bitsandbytes' own: refused by quantlab.deploy)
 
     @staticmethod
     def _codebook(w: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -72,6 +74,7 @@ class RTNQuantizer(Quantizer[RTNConfig]):
         fmt = self.config.format
         done: list[str] = []
         artifacts: dict[str, torch.Tensor] = {}
+        codes: dict[str, QuantizedWeight] | None = {} if ctx.keep_codes and not fmt.is_codebook else None
         for name, mod in self.target_linears(model):
             w = mod.weight.data
             if fmt.is_codebook:
@@ -87,6 +90,9 @@ class RTNQuantizer(Quantizer[RTNConfig]):
                 artifacts[f"{name}.qweight"] = q.cpu()
                 artifacts[f"{name}.scales"] = scale.to(torch.float32).cpu()
                 artifacts[f"{name}.zeros"] = zero.to(torch.uint8).cpu()
+            if codes is not None:
+                codes[name] = from_format(q, scale, zero, fmt)
             done.append(name)
         log.info("RTN %s: quantized %d Linear layers", fmt.short_name(), len(done))
-        return QuantResult(model=model, quantized_layers=done, artifacts=artifacts, summary={"n_layers": len(done)})
+        return QuantResult(model=model, quantized_layers=done, artifacts=artifacts, summary={"n_layers": len(done)},
+                           codes=codes)

@@ -28,7 +28,7 @@ The helpers :func:`smooth_and_quantize` and :func:`load_saved_scales` are shared
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,7 +40,7 @@ from quantlab.algorithms.smoothing import fold_group_scales, group_scales
 from quantlab.calib.sequential import on_device
 from quantlab.calib.stats import collect_group_absmax, group_key
 from quantlab.errors import ConfigError
-from quantlab.formats import affine
+from quantlab.formats.codes import QuantizedWeight, rtn_linears_
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping, relative_names
 from quantlab.nn.act_quant import GRANULARITIES, swap_act_quant
@@ -99,13 +99,6 @@ class SmoothQuantConfig(CalibratedConfig):
 # Shared with SmoothQuant+
 # ---------------------------------------------------------------------------------------------
 
-def rtn_(block: nn.Module, rel_targets: Iterable[str], fmt: QuantFormat) -> None:
-    """Round-to-nearest fake quantization of the named Linears of ``block``, in place."""
-    for rel in rel_targets:
-        w = block.get_submodule(rel).weight
-        w.data.copy_(affine.fake_quantize(w.data, fmt))
-
-
 def stats_scales(stats: dict[str, torch.Tensor], alpha: float) -> ScalesFn:
     """Eq. (6) scales from the fp model's activation maxima and the block's current (original) weights."""
 
@@ -119,12 +112,14 @@ def stats_scales(stats: dict[str, torch.Tensor], alpha: float) -> ScalesFn:
 def smooth_and_quantize(
     model: nn.Module, mapping: ArchMapping, groups_fn: Callable[[nn.Module], list[ScaleGroup]],
     targets: list[str], fmt: QuantFormat, device: torch.device, scales_fn: ScalesFn, keep_reference: bool = False,
+    codes: dict[str, QuantizedWeight] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Fold eq. (5) with ``scales_fn``'s ``s`` into every block, then RTN-quantize the block's targets.
 
     Returns:
         ``(scales, reference_weights)``: ``smooth.<block>.<group key> -> s`` (CPU) and, with
         ``keep_reference``, the smoothed full-precision weights of the targets (CPU, before rounding).
+        With ``codes``, every target's integer codes are stored there (:func:`rtn_linears_`).
     """
     scales_out: dict[str, torch.Tensor] = {}
     ref_w: dict[str, torch.Tensor] | None = {} if keep_reference else None
@@ -137,7 +132,7 @@ def smooth_and_quantize(
             fold_group_scales(block, groups, scales)
             if ref_w is not None:
                 ref_w.update({f"{name}.{r}": block.get_submodule(r).weight.detach().to("cpu", copy=True) for r in rel})
-            rtn_(block, rel, fmt)
+            rtn_linears_(block, rel, fmt, codes, prefix=f"{name}.")
         scales_out.update({f"smooth.{group_key(name, g)}": scales[g.key].detach().cpu() for g in groups})
     return scales_out, ref_w
 

@@ -151,6 +151,8 @@ def smoothed_groups(mapping: ArchMapping, block: nn.Module, smooth_vo: bool = Fa
 class SmoothQuantPlusQuantizer(BlockwiseQuantizer[SmoothQuantPlusConfig]):
     """SmoothQuant+: whole-model alpha search, exact smoothing, group-wise RTN."""
 
+    packable = True
+
     def label(self, model_dtype: str) -> str:
         """``smoothquant_plus w4g128a``, plus ``loss:<name>`` when the search minimises a loss other than
         the default (``loss:hidden_mse``), so tables never pool runs searched with different losses. A
@@ -188,8 +190,9 @@ class SmoothQuantPlusQuantizer(BlockwiseQuantizer[SmoothQuantPlusConfig]):
                 stats = collect_group_absmax(model, mapping, calib.tokens, device=ctx.device, batch_size=cfg.batch_size)
                 summary["stats_s"] = round(time.perf_counter() - t0, 3)
             scales_fn = stats_scales(stats, alpha)
+        codes = {} if ctx.keep_codes else None
         scales, ref_w = smooth_and_quantize(model, mapping, groups_fn, targets, cfg.format, ctx.device, scales_fn,
-                                            keep_reference=ctx.keep_reference_weights)
+                                            keep_reference=ctx.keep_reference_weights, codes=codes)
         summary.update({"alpha": alpha, "n_layers": len(targets), "weight_format": cfg.format.short_name(),
                         "weight_max": cfg.weight_max, "smooth_vo": cfg.smooth_vo,
                         "smoothed_groups": _group_keys(mapping, model, groups_fn)})
@@ -198,7 +201,7 @@ class SmoothQuantPlusQuantizer(BlockwiseQuantizer[SmoothQuantPlusConfig]):
                  cfg.format.short_name(), len(targets))
         arts = {**scales, "smoothquant_plus.alpha": torch.tensor(alpha, dtype=torch.float64)}
         return QuantResult(model=model, quantized_layers=targets, artifacts=arts, summary=summary, tables=tables,
-                           images=images, reference_weights=ref_w)
+                           images=images, reference_weights=ref_w, codes=codes)
 
     def _search(self, model: nn.Module, mapping: ArchMapping, tokens: Tokens, targets: list[str],
                 groups_fn, ctx: RunContext) -> SearchResult:

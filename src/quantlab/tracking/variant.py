@@ -92,6 +92,11 @@ def variant_settings(spec: RunSpec) -> dict[str, Any]:
     evals = {ev.name: ev.variant_settings() for ev in spec.evals}
     settings = {"model": model, "quantizer": {"name": qcls.name, "config": qcfg}, "calib": calib, "evals": evals,
                 "version": VARIANT_VERSION}
+    from quantlab.deploy.load import packed_quant_config
+
+    deploy = spec.deploy.variant_settings(bool(spec.model.path and packed_quant_config(Path(spec.model.path).expanduser())))
+    if deploy is not None:  # only packed runs carry it, so the ids of all other variants are unchanged
+        settings["deploy"] = deploy
     return json.loads(_canonical(settings))  # plain JSON types (tuples -> lists), as read back from a record
 
 
