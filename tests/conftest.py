@@ -16,6 +16,9 @@ CONF = REPO / "conf"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Triton kernels (kernels/, quantlab.nn.packed's triton backend) run in triton's interpreter on CPU tensors;
+# the flag must be set before anything imports triton in this process (GPU tests run it in a subprocess).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -101,16 +101,18 @@ def test_export_refusals_name_the_setting(tmp_path):
         check_export("compressed-tensors", g16.codes)
 
 
-@pytest.mark.parametrize("sym", [True, False])
-def test_compressed_tensors_export_loads_in_transformers_exactly(sym, tmp_path):
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (4, 32, False), (8, -1, True)])
+def test_compressed_tensors_export_loads_in_transformers_exactly(bits, group_size, sym, tmp_path):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    fmt = QuantFormat(bits=4, group_size=32, symmetric=sym, zero_in_range=False, symmetric_grid="full")
+    fmt = QuantFormat(bits=bits, group_size=group_size, symmetric=sym, zero_in_range=False, symmetric_grid="full")
     model, tok, res = _quantized(RTNQuantizer(RTNConfig(format=fmt)), tmp_path)
     fake = _logits(model)
     out = write_checkpoint(model, tok, res.codes, tmp_path / "ct", "compressed-tensors", {"method_label": "rtn"})
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["symmetric"] == sym
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert qc["format"] == "pack-quantized" and weights["symmetric"] == sym and weights["num_bits"] == bits
+    assert weights["strategy"] == ("channel" if group_size == -1 else "group")
     # asymmetric checkpoints need dequantize=True in transformers 5.25 + compressed-tensors 0.20 (llm-compressor #1618)
     kw = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     hf = AutoModelForCausalLM.from_pretrained(out, **kw)
@@ -187,3 +189,35 @@ def test_cli_pack_export_and_load_back(tmp_path):
     assert meta["method_label"] == "rtn w4g64a" and meta["run_id"] == rec["run_id"]
     assert export_main([str(tmp_path / "run"), str(tmp_path / "gptq"), "--format", "gptq"]) == 2  # asymmetric
     assert not Path(tmp_path / "gptq").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt_name", ["gptq", "awq"])
+def test_gptq_and_awq_exports_load_through_transformers(fmt_name, tmp_path):
+    """Optional (slow; needs ``pip install optimum gptqmodel==7.6.0``, heavy: it pins numpy 2.2.6): transformers
+    loads quantlab's GPTQ v1 / AWQ GEMM exports through gptqmodel's kernels on CPU."""
+    pytest.importorskip("optimum")
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM
+
+    method = "gptq_act_order" if fmt_name == "gptq" else "awq"
+    model, tok, res = _quantized(METHODS[method](), tmp_path)
+    out = write_checkpoint(model, tok, res.codes, tmp_path / fmt_name, fmt_name)
+    hf = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    fake = _logits(model)
+    # gptqmodel 7.6.0 picks TorchAtenLinear / TorchAtenAwqLinear (torch's int4 CPU kernel, bf16): measured max
+    # |logit diff| / max |logit| 0.0666 (gptq; identical to quantlab's cpu backend, 0.0666) and 0.026 (awq)
+    assert (_logits(hf).float() - fake).abs().max() / fake.abs().max() < 0.1
+
+
+def test_vllm_gets_a_compressed_tensors_checkpoint_of_a_packed_model(tmp_path):
+    """The vLLM backend cannot run here (GPU); what it serves is checked: the packed model's own checkpoint."""
+    from quantlab.generation.vllm_backend import _save_for_vllm
+
+    model, tok, res = _quantized(METHODS["rtn"](), tmp_path)
+    pack_linears(model, res.codes, "reference")
+    _save_for_vllm(model, tok, str(tmp_path / "served"))
+    qc = json.loads((tmp_path / "served" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    back = load_model(ModelConfig(name="v", path=str(tmp_path / "served"), dtype="float32", device="cpu")).model
+    assert torch.equal(_logits(back), _logits(model))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -19,12 +18,11 @@ def kernels_dir() -> Path:
 
 
 def triton_available() -> bool:
-    """triton imports, and a CUDA device is present or ``TRITON_INTERPRET=1`` (CPU correctness runs)."""
+    """triton imports, and a CUDA device is present or ``TRITON_INTERPRET=1`` was set when the kernel file
+    was loaded (CPU correctness runs; the kernel module's own :func:`available`)."""
     if importlib.util.find_spec("triton") is None:
         return False
-    import torch
-
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return bool(triton_kernels().available())
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,7 +5,9 @@ vLLM cannot take an in-memory model (vllm#4843): the model is exported to a temp
 plain ``nn.Linear`` with rounded ("fake-quantized") weights can be exported this way: their weights
 *are* the quantized values, so vLLM serves the same function in the model's dtype. Methods that
 swap in modules with extra behaviour (SmoothQuant's activation quantization, QAT wrappers) are
-refused with a clear error; use ``backend=hf`` for them.
+refused with a clear error; use ``backend=hf`` for them. A packed model (``deploy.pack``, or a checkpoint
+loaded from an export) is written as a compressed-tensors checkpoint (:mod:`quantlab.deploy.export`), which
+vLLM serves through its Marlin W4A16 kernels: the production path.
 
 This path cannot be exercised on machines without a GPU and vLLM (the CI machines): it is kept
 small, and the HF backend is the reference the tests check.
@@ -45,6 +47,25 @@ def exportable(model: nn.Module) -> list[str]:
     return bad
 
 
+def _save_for_vllm(model: nn.Module, tokenizer: Any, folder: str) -> None:
+    """A plain checkpoint, or for a packed model a compressed-tensors one (vLLM's native W4A16 format)."""
+    from quantlab.nn.packed import packed_modules
+
+    packed = packed_modules(model)
+    if not packed:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        return
+    from pathlib import Path
+
+    from quantlab.deploy.export import write_checkpoint
+
+    out = Path(folder) / "ckpt"
+    write_checkpoint(model, tokenizer, {n: m.quantized() for n, m in packed}, out, "compressed-tensors")
+    for f in out.iterdir():
+        f.rename(Path(folder) / f.name)
+
+
 def vllm_generate(
     model: nn.Module, tokenizer: Any, requests: Sequence[GenRequest], cfg: DecodingConfig, stats: GenerationStats
 ) -> list[list[Completion]]:
@@ -60,8 +81,7 @@ def vllm_generate(
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     results: list[list[Completion]] = [[] for _ in requests]
     with tempfile.TemporaryDirectory(prefix="quantlab-vllm-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _save_for_vllm(model, tokenizer, tmp)
         llm = LLM(model=tmp, dtype=dtype, seed=cfg.seed, enforce_eager=False)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):

@@ -117,7 +117,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
-            return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+            return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if "ws_perm" in self._ws:
