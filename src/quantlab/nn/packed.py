@@ -71,7 +71,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.backend = "reference"
         self._ws: dict[str, torch.Tensor | None] = {}
-        self.set_backend(backend)
+        self.set_backend(backend, qw)
 
     # ------------------------------------------------------------------ the stored weight
     def quantized(self) -> QuantizedWeight:
@@ -88,9 +88,10 @@ class PackedLinear(nn.Module):
         return self.weight_scale.dtype
 
     # ------------------------------------------------------------------ backends
-    def set_backend(self, backend: str) -> None:
-        """Select the backend and build its workspace (CPU repack, unpacked zeros), dropping the old one."""
-        qw = self.quantized()
+    def set_backend(self, backend: str, qw: QuantizedWeight | None = None) -> None:
+        """Select the backend and build its workspace (CPU repack, unpacked zeros), dropping the old one
+        (``qw``: this module's weight when the caller has it unpacked already)."""
+        qw = qw if qw is not None else self.quantized()
         why = backend_problem(qw, backend)
         if why:
             raise ConfigError(KEY, why)
@@ -118,20 +119,23 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
             return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        b = self._buffers  # direct: nn.Module.__getattr__ costs microseconds per call at decode sizes
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if "ws_perm" in self._ws:
-            x2 = x2.index_select(1, self.ws_perm)
+        perm = b.get("ws_perm")
+        if perm is not None:
+            x2 = x2.index_select(1, perm)
         if self.backend == "cpu":
-            y = aten_int4.matmul(x2.to(torch.bfloat16).contiguous(), self.ws_int4, self.group_size, self.ws_sz)
-            y = y.to(x.dtype)
+            y = aten_int4.matmul(x2.to(torch.bfloat16).contiguous(), b["ws_int4"], self.group_size, b["ws_sz"])
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
         else:
             from quantlab.deploy.kernels import triton_kernels
 
-            y = triton_kernels().w4a16_matmul(x2.contiguous(), self.ws_qweight, self.weight_scale.to(x.dtype),
-                                              self.ws_zeros, self.group_size, bits=self.bits, bias=self.bias)
+            y = triton_kernels().w4a16_matmul(x2.contiguous(), b["ws_qweight"], b["weight_scale"], b["ws_zeros"],
+                                              self.group_size, bits=self.bits, bias=self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
