@@ -178,7 +178,7 @@ def test_cli_pack_export_and_load_back(tmp_path):
     assert rec["variant"]["settings"]["deploy"] == {"pack": True, "backend": "reference"}
     prov = rec["provenance"]["memory/footprint_gb"]
     assert prov["packed_layers"] == 14 and "memory/packed_est_gb" not in rec["metrics"]
-    r2 = run_cli([*common, "quantizer=none", f"++model.path={tmp_path}/run/export/compressed-tensors",
+    r2 = run_cli([*common, "quantizer=none", f"model.path={tmp_path}/run/export/compressed-tensors",
                   f"hydra.run.dir={tmp_path}/load"], tmp_path)
     assert r2.returncode == 0, r2.stderr[-2000:]
     rec2 = json.loads((tmp_path / "load" / "result.json").read_text())
