@@ -181,7 +181,8 @@ def load_model(cfg: ModelConfig, quantization_config: Any = None) -> LoadedModel
         **asdict(cfg),
         **origin,
         "arch": type(model).__name__,
-        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_params": sum(p.numel() for p in model.parameters())  # + the weights of packed low-bit layers
+        + sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "weight_packed")),
         "device": str(device) if device_map is None or not cfg.device_map else f"device_map={device_map}",
         "load_s": round(time.perf_counter() - t0, 3),
         "commit_hash": getattr(model.config, "_commit_hash", None),
