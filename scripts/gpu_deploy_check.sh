@@ -19,7 +19,7 @@ env -u TRITON_INTERPRET $PY scripts/bench_kernels.py --skip-decode --json "$OUT/
   > "$OUT/bench_kernels_gpu.txt" 2>&1
 # serving: vLLM on the compressed-tensors export of RTN w4 g64 SmolLM2, against its fp16 checkpoint
 if $PY -c "import vllm" 2>/dev/null; then
-  env -u TRITON_INTERPRET $PY scripts/bench_serving.py --engine vllm --out "$OUT/serving_vllm" > "$OUT/serving_vllm.txt" 2>&1
+  env -u TRITON_INTERPRET $PY scripts/bench_serving.py --quick --out "$OUT/serving_vllm" > "$OUT/serving_vllm.txt" 2>&1
 else
   echo "vllm not installed: serving on GPU not run" > "$OUT/serving_vllm.txt"
 fi
