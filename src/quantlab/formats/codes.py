@@ -107,10 +107,11 @@ def rtn_linears_(block: nn.Module, rel_names: Iterable[str], fmt: QuantFormat,
                  codes: dict[str, QuantizedWeight] | None = None, prefix: str = "") -> None:
     """Round-to-nearest fake quantization of the named Linears of ``block``, in place (the last step of
     RTN-based methods: AWQ, SmoothQuant, SmoothQuant+). With ``codes``, each Linear's integer codes are
-    stored there under ``prefix + name`` (kept on the weight's device)."""
+    stored there under ``prefix + name``, on the CPU (one byte per weight: a big model's codes must not
+    crowd the accelerator)."""
     for rel in rel_names:
         w = block.get_submodule(rel).weight
         q, scale, zero = affine.quantize_weight(w.data, fmt)
         w.data.copy_(affine.dequantize(q, scale, zero, fmt).to(w.dtype))
         if codes is not None:
-            codes[prefix + rel] = from_format(q, scale, zero, fmt)
+            codes[prefix + rel] = from_format(q.cpu(), scale.cpu(), zero.cpu(), fmt)

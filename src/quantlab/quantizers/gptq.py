@@ -116,17 +116,12 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
 
     packable = True
 
-
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         mapping = get_mapping(model)
         targets = set(self.block_targets(model, mapping))
         if self.config.load_artifacts:
-            res = self._reapply(model, targets)
-            res.codes = self.codes_from(res.artifacts, res.quantized_layers, res.summary.pop("format")) \
-                if ctx.keep_codes else None
-            res.artifacts = {}
-            return res
+            return self._reapply(model, targets, ctx.keep_codes)
         if calib is None:
             raise ConfigError("calib", "gptq needs calibration data")
         rows: list[dict[str, Any]] = []
@@ -264,8 +259,9 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             "search_s": round(seconds, 3),
         }
 
-    def _reapply(self, model: nn.Module, targets: set[str]) -> QuantResult:
-        """Set every target weight to ``dequantize_gidx`` of the saved codes (no calibration)."""
+    def _reapply(self, model: nn.Module, targets: set[str], keep_codes: bool = False) -> QuantResult:
+        """Set every target weight to ``dequantize_gidx`` of the saved codes (no calibration); with
+        ``keep_codes`` the saved codes are returned as :attr:`QuantResult.codes`."""
         src = self.config.load_artifacts
         tensors, saved = artifacts.load_artifacts(src, self.name)
         fmt = self.config.format
@@ -279,7 +275,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
                 log.warning("gptq: %s was made with format %s, not %s; using the saved one",
                             src, fmt.short_name(), self.config.format.short_name())
         done = []
-        used: dict[str, torch.Tensor] = {}
+        codes_out: dict[str, QuantizedWeight] | None = {} if keep_codes else None
         for name in sorted(targets):
             mod = model.get_submodule(name)
             codes, scales, zeros, g_idx = (artifacts.require(tensors, f"{name}.{k}", src)
@@ -290,8 +286,9 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             dev = mod.weight.device
             w = dequantize_gidx(codes.to(dev), scales.to(dev), zeros.to(dev), g_idx.to(dev), fmt)
             mod.weight.data.copy_(w.to(mod.weight.dtype))
-            used.update({f"{name}.{k}": t for k, t in zip(("qweight", "scales", "zeros", "g_idx"), (codes, scales, zeros, g_idx))})
+            if codes_out is not None:
+                codes_out[name] = from_format(codes, scales, zeros, fmt, g_idx)
             done.append(name)
         log.info("gptq: re-applied %d layers from %s", len(done), src)
-        return QuantResult(model=model, quantized_layers=done, artifacts=used,
-                           summary={"n_layers": len(done), "loaded_from": str(src), "format": fmt})
+        return QuantResult(model=model, quantized_layers=done, codes=codes_out,
+                           summary={"n_layers": len(done), "loaded_from": str(src)})

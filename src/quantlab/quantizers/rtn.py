@@ -91,7 +91,7 @@ class RTNQuantizer(Quantizer[RTNConfig]):
                 artifacts[f"{name}.scales"] = scale.to(torch.float32).cpu()
                 artifacts[f"{name}.zeros"] = zero.to(torch.uint8).cpu()
             if codes is not None:
-                codes[name] = from_format(q, scale, zero, fmt)
+                codes[name] = from_format(q.cpu(), scale.cpu(), zero.cpu(), fmt)  # CPU: off the accelerator
             done.append(name)
         log.info("RTN %s: quantized %d Linear layers", fmt.short_name(), len(done))
         return QuantResult(model=model, quantized_layers=done, artifacts=artifacts, summary={"n_layers": len(done)},
