@@ -105,7 +105,8 @@ def quantization_config(fmt: str, codes: dict[str, QuantizedWeight], ignore: lis
     if fmt == "compressed-tensors":
         return ct_layout.quantization_config(qw.bits, g, qw.symmetric, ignore)
     if fmt == "gptq":
-        return gptq_layout.quantization_config(qw.bits, g, qw.symmetric, any(q.g_idx is not None for q in codes.values()))
+        act_order = any(q.g_idx is not None for q in codes.values())
+        return gptq_layout.quantization_config(qw.bits, g, qw.symmetric, act_order)
     return awq_layout.quantization_config(g)
 
 

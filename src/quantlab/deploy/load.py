@@ -51,7 +51,8 @@ def _scheme(qc: dict[str, Any], where: Path) -> tuple[int, int, bool]:
         return int(w["num_bits"]), int(w.get("group_size") or -1), bool(w["symmetric"])
     if method == "gptq":
         if qc.get("checkpoint_format", "gptq") != "gptq":
-            raise DataError(f"model.path: {where}: GPTQ checkpoint_format {qc.get('checkpoint_format')!r}; v1 ('gptq') only")
+            raise DataError(f"model.path: {where}: GPTQ checkpoint_format {qc.get('checkpoint_format')!r}; "
+                            "v1 ('gptq') only")
         return int(qc["bits"]), int(qc["group_size"]), bool(qc.get("sym", True))
     if str(qc.get("version", "gemm")).lower() != "gemm":
         raise DataError(f"model.path: {where}: AWQ version {qc.get('version')!r}; GEMM only")
@@ -111,7 +112,7 @@ def load_packed(folder: str | Path, dtype: torch.dtype, device: torch.device,
                                  qw.symmetric, qw.g_idx)
         old = model.get_submodule(name)
         if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != qw.shape:
-            raise DataError(f"model.path: {folder}: {name} holds a {qw.shape} weight, the model's module does not match")
+            raise DataError(f"model.path: {folder}: {name} holds a {qw.shape} weight; the model's module differs")
         replace_module(model, name, PackedLinear(qw, None if bias is None else bias.to(dtype), None, "reference"))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

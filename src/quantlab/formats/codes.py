@@ -45,9 +45,11 @@ class QuantizedWeight:
 
     def __post_init__(self) -> None:
         n, k = self.codes.shape
-        if k % self.group_size or self.scales.shape != (n, k // self.group_size) or self.zeros.shape != self.scales.shape:
-            raise ValueError(f"inconsistent shapes: codes {tuple(self.codes.shape)}, scales {tuple(self.scales.shape)}, "
-                             f"zeros {tuple(self.zeros.shape)}, group_size {self.group_size}")
+        bad_groups = k % self.group_size or self.scales.shape != (n, k // self.group_size)
+        if bad_groups or self.zeros.shape != self.scales.shape:
+            raise ValueError(f"inconsistent shapes: codes {tuple(self.codes.shape)}, scales "
+                             f"{tuple(self.scales.shape)}, zeros {tuple(self.zeros.shape)}, "
+                             f"group_size {self.group_size}")
         if self.g_idx is not None:
             self.g_idx = self.g_idx.to(torch.int32)
             if self.g_idx.shape != (k,):

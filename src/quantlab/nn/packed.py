@@ -118,7 +118,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
-            return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.quantized_weight().to(x.dtype), bias)
         b = self._buffers  # direct: nn.Module.__getattr__ costs microseconds per call at decode sizes
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

@@ -192,7 +192,6 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
 
     packable = True
 
-
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         mapping = get_mapping(model)
