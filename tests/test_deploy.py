@@ -221,3 +221,17 @@ def test_vllm_gets_a_compressed_tensors_checkpoint_of_a_packed_model(tmp_path):
     assert qc["quant_method"] == "compressed-tensors"
     back = load_model(ModelConfig(name="v", path=str(tmp_path / "served"), dtype="float32", device="cpu")).model
     assert torch.equal(_logits(back), _logits(model))
+
+
+def test_exports_a_method_cannot_give_fail_before_quantizing():
+    from quantlab.deploy.config import check_exports_early
+
+    gptq = GPTQQuantizer(GPTQConfig(format=QuantFormat(bits=4, group_size=32, symmetric=False), act_order=True))
+    with pytest.raises(ConfigError, match="quantizer.format.symmetric"):
+        check_exports_early(gptq, ("gptq",))
+    with pytest.raises(ConfigError, match="quantizer.act_order"):
+        check_exports_early(gptq, ("compressed-tensors",))
+    with pytest.raises(ConfigError, match="quantizer.format.group_size"):
+        check_exports_early(RTNQuantizer(RTNConfig(format=QuantFormat(bits=4, group_size=16))), ("awq",))
+    check_exports_early(GPTQQuantizer(GPTQConfig(format=ASYM, act_order=True, static_groups=True)),
+                        ("compressed-tensors", "awq"))

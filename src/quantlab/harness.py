@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantlab.calib.datasets import CalibConfig, build_calib
-from quantlab.deploy.config import DeployConfig, check_packable
+from quantlab.deploy.config import DeployConfig, check_exports_early, check_packable
 from quantlab.deploy.run import deploy_result, packed_footprint, prepare_loaded
 from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
@@ -196,6 +196,7 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     out.quantizer_name = quantizer.name
     if spec.deploy.needs_codes:
         check_packable(quantizer, "deploy.pack" if spec.deploy.pack else "deploy.export")
+        check_exports_early(quantizer, spec.deploy.export)
     loaded, fp_weights = _load(spec, quantizer)
     model, tok = loaded.model, loaded.tokenizer
     out.model_info = loaded.info
