@@ -100,20 +100,23 @@ def load_packed(folder: str | Path, dtype: torch.dtype, device: torch.device,
     tensors = _read_tensors(folder)
     marker = _MARKER[method]
     names = sorted(k[: -len(marker) - 1] for k in tensors if k.endswith("." + marker))
-    scale_dtype = dtype if method == "compressed-tensors" else None
     for name in names:
         prefix = f"{name}."
         own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         bias = own.pop("bias", None)
-        qw = _unpack(method, own, bits, g, sym)
-        if scale_dtype is None:  # fp16 scales of GPTQ/AWQ: compute in the model's dtype (fp32 stays exact)
-            qw = QuantizedWeight(qw.codes, qw.scales.to(dtype) if dtype != torch.float16 else qw.scales,
-                                 qw.zeros.to(dtype) if dtype != torch.float16 else qw.zeros, qw.bits, qw.group_size,
-                                 qw.symmetric, qw.g_idx)
+        bias = None if bias is None else bias.to(dtype)
         old = model.get_submodule(name)
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != qw.shape:
-            raise DataError(f"model.path: {folder}: {name} holds a {qw.shape} weight; the model's module differs")
-        replace_module(model, name, PackedLinear(qw, None if bias is None else bias.to(dtype), None, "reference"))
+        if method == "compressed-tensors":  # quantlab's own layout: the file's tensors as they are
+            shape = tuple(int(v) for v in own["weight_shape"].tolist())
+            new = PackedLinear.from_compressed(own, bits, g, sym, bias)
+        else:  # GPTQ / AWQ: unpacked and repacked; their fp16 scales held in fp32 (exact, whatever the model dtype)
+            qw = _unpack(method, own, bits, g, sym)
+            qw = QuantizedWeight(qw.codes, qw.scales.float(), qw.zeros.float(), qw.bits, qw.group_size,
+                                 qw.symmetric, qw.g_idx)
+            shape, new = qw.shape, PackedLinear(qw, bias, None, "reference")
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != shape:
+            raise DataError(f"model.path: {folder}: {name} holds a {shape} weight; the model's module differs")
+        replace_module(model, name, new)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

@@ -64,14 +64,34 @@ class PackedLinear(nn.Module):
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
                  backend: str = "reference") -> None:
         super().__init__()
-        self.out_features, self.in_features = qw.shape
-        self.bits, self.group_size, self.symmetric = qw.bits, qw.group_size, qw.symmetric
-        for name, t in ct.pack(qw, scale_dtype or qw.scales.dtype).items():
-            self.register_buffer(name, t.to(qw.codes.device))
+        if qw.bits not in ct.BITS:
+            raise ConfigError(KEY, f"packed layers hold {ct.BITS}-bit codes, not {qw.bits}-bit")
+        tensors = {k: t.to(qw.codes.device) for k, t in ct.pack(qw, scale_dtype or qw.scales.dtype).items()}
+        self._init_state(tensors, qw.bits, qw.group_size, qw.symmetric, bias)
+        self.set_backend(backend, qw)
+
+    @classmethod
+    def from_compressed(cls, tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool,
+                        bias: torch.Tensor | None = None, backend: str = "reference") -> PackedLinear:
+        """A module holding a compressed-tensors checkpoint's tensors of one Linear as they are (no repacking)."""
+        if bits not in ct.BITS:
+            raise ConfigError(KEY, f"packed layers hold {ct.BITS}-bit codes, not {bits}-bit")
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        k = int(tensors["weight_shape"][1])
+        mod._init_state(tensors, bits, k if group_size in (None, -1) else group_size, symmetric, bias)
+        mod.set_backend(backend)
+        return mod
+
+    def _init_state(self, tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool,
+                    bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = (int(v) for v in tensors["weight_shape"].tolist())
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.backend = "reference"
         self._ws: dict[str, torch.Tensor | None] = {}
-        self.set_backend(backend, qw)
 
     # ------------------------------------------------------------------ the stored weight
     def quantized(self) -> QuantizedWeight:
@@ -91,13 +111,15 @@ class PackedLinear(nn.Module):
     def set_backend(self, backend: str, qw: QuantizedWeight | None = None) -> None:
         """Select the backend and build its workspace (CPU repack, unpacked zeros), dropping the old one
         (``qw``: this module's weight when the caller has it unpacked already)."""
+        if backend == "reference":  # needs no workspace and no unpacking here
+            self._drop_ws()
+            self.backend = backend
+            return
         qw = qw if qw is not None else self.quantized()
         why = backend_problem(qw, backend)
         if why:
             raise ConfigError(KEY, why)
-        for name in list(self._ws):
-            delattr(self, name)
-        self._ws = {}
+        self._drop_ws()
         perm = qw.act_order_perm() if backend != "reference" else None
         if perm is not None:
             qw = qw.permuted(perm)
@@ -111,6 +133,11 @@ class PackedLinear(nn.Module):
                          else self.weight_packed)
             self._add_ws("ws_zeros", None if qw.symmetric else qw.zeros.to(self.weight_dtype))
         self.backend = backend
+
+    def _drop_ws(self) -> None:
+        for name in list(self._ws):
+            delattr(self, name)
+        self._ws = {}
 
     def _add_ws(self, name: str, t: torch.Tensor | None) -> None:
         self.register_buffer(name, t, persistent=False)  # moves with .to(), counted as held memory, never saved
