@@ -184,6 +184,7 @@ def test_cli_pack_export_and_load_back(tmp_path):
     rec2 = json.loads((tmp_path / "load" / "result.json").read_text())
     assert rec2["metrics"]["ppl/local_stdlib"] == rec["metrics"]["ppl/local_stdlib"]
     assert rec2["quant_summary"]["method_label"] == "rtn w4g64a [compressed-tensors export, reference]"
+    assert rec2["format"]["short_name"] == "w4g64a" and rec2["bits_per_weight"] == rec["bits_per_weight"]
     assert export_main([str(tmp_path / "run"), str(tmp_path / "awq"), "--format", "awq"]) == 0
     meta = json.loads((tmp_path / "awq" / "quantlab_export.json").read_text())
     assert meta["method_label"] == "rtn w4g64a" and meta["run_id"] == rec["run_id"]

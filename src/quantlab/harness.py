@@ -18,7 +18,7 @@ from torch import nn
 
 from quantlab.calib.datasets import CalibConfig, build_calib
 from quantlab.deploy.config import DeployConfig, check_exports_early, check_packable
-from quantlab.deploy.run import deploy_result, packed_footprint, prepare_loaded
+from quantlab.deploy.run import deploy_result, loaded_format, packed_footprint, prepare_loaded
 from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
 from quantlab.metrics.footprint import GB, model_footprint, packed_estimate
@@ -201,6 +201,8 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     model, tok = loaded.model, loaded.tokenizer
     out.model_info = loaded.info
     loaded_label = prepare_loaded(loaded, quantizer, spec.deploy)  # an exported checkpoint: packed layers
+    if loaded_label:
+        out.format, out.bits_per_weight = loaded_format(model, loaded.info["packed_checkpoint"])
     quantizer.validate(model)
 
     quantizes = not quantizer.is_identity

@@ -37,6 +37,18 @@ def prepare_loaded(loaded: Any, quantizer: Any, deploy: DeployConfig) -> str | N
     return f"{base} [{pc['format']} export, {deploy.backend}]"
 
 
+def loaded_format(model: nn.Module, pc: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """The record's ``format`` and bits per weight of a model loaded from a packed checkpoint ``pc``."""
+    from quantlab.formats.spec import QuantFormat
+
+    fmt = QuantFormat(bits=pc["bits"], group_size=pc["group_size"], symmetric=pc["symmetric"])
+    mods = [m for _, m in packed_modules(model)]
+    total = sum(m.in_features * m.out_features for m in mods)
+    bits = sum(m.in_features * m.out_features * fmt.bits_per_weight(m.in_features) for m in mods)
+    return {**fmt.to_dict(), "short_name": fmt.short_name(), "checkpoint_format": pc["format"]}, (
+        bits / total if total else None)
+
+
 def deploy_result(deploy: DeployConfig, model: nn.Module, tokenizer: Any, result: QuantResult, output_dir: Path,
                   outcome: Any) -> dict[str, Any]:
     """Write ``deploy.export``'s checkpoints from the method's codes, then (``deploy.pack``) replace the quantized
