@@ -21,6 +21,9 @@ included, not only what the YAML spelled out):
   anything.
 * ``evals``: each evaluator's config (protocol, decoding, budget, dataset, ...), minus its
   :attr:`~quantlab.evals.base.Evaluator.execution_fields` (workers, resume, ...).
+* ``deploy``: only for a packed model (``deploy.pack=true``, or ``model.path`` an exported low-bit
+  checkpoint): ``{pack, backend}``, since the backend's kernel changes the numbers. Absent otherwise, so
+  the ids of all other variants are what they were before packing existed; exports change no number.
 
 Not in it: the experiment name, tags, logger, ``save_artifacts``, the seed (kept apart), the quantlab
 version (recorded in ``env``; a code change that changes numbers is not detected here).
@@ -94,7 +97,8 @@ def variant_settings(spec: RunSpec) -> dict[str, Any]:
                 "version": VARIANT_VERSION}
     from quantlab.deploy.load import packed_quant_config
 
-    deploy = spec.deploy.variant_settings(bool(spec.model.path and packed_quant_config(Path(spec.model.path).expanduser())))
+    path = Path(spec.model.path).expanduser() if spec.model.path else None
+    deploy = spec.deploy.variant_settings(bool(path and packed_quant_config(path)))
     if deploy is not None:  # only packed runs carry it, so the ids of all other variants are unchanged
         settings["deploy"] = deploy
     return json.loads(_canonical(settings))  # plain JSON types (tuples -> lists), as read back from a record
