@@ -66,9 +66,11 @@ class PackedLinear(nn.Module):
         super().__init__()
         if qw.bits not in ct.BITS:
             raise ConfigError(KEY, f"packed layers hold {ct.BITS}-bit codes, not {qw.bits}-bit")
-        tensors = {k: t.to(qw.codes.device) for k, t in ct.pack(qw, scale_dtype or qw.scales.dtype).items()}
+        scale_dtype = scale_dtype or qw.scales.dtype
+        tensors = {k: t.to(qw.codes.device) for k, t in ct.pack(qw, scale_dtype).items()}
         self._init_state(tensors, qw.bits, qw.group_size, qw.symmetric, bias)
-        self.set_backend(backend, qw)
+        # the backend is built from what the module holds (scales rounded to scale_dtype), as after a reload
+        self.set_backend(backend, qw if scale_dtype == qw.scales.dtype else None)
 
     @classmethod
     def from_compressed(cls, tensors: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool,
