@@ -20,7 +20,11 @@ def _records(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant", "smoothquant_plus"])
+# the CLI path is the same for every method: one runs by default; every method's re-apply is also tested
+# in-process in its own file (test_gptq, test_awq, test_smoothquant, test_smoothquant_plus); the other three
+# CLI runs (~15 s each) are slow tests, to keep the default suite under 10 minutes
+@pytest.mark.parametrize("method", ["gptq", *(pytest.param(m, marks=pytest.mark.slow)
+                                              for m in ("awq", "smoothquant", "smoothquant_plus"))])
 def test_saved_artifacts_reapply_without_calibration(tmp_path, method):
     """Run once (artifacts saved), then re-apply them with load_artifacts: same perplexity, no calibration."""
     first = _cli([*TINY, f"quantizer={method}", "hydra.mode=RUN"], tmp_path / "a")
