@@ -50,7 +50,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -69,6 +68,7 @@ from quantlab.formats.codes import QuantizedWeight, from_format  # noqa: E402
 from quantlab.formats.layouts import aten_int4  # noqa: E402
 from quantlab.formats.spec import QuantFormat  # noqa: E402
 from quantlab.nn.packed import PackedLinear, pack_linears  # noqa: E402
+from quantlab.tracking.env import cpu_capability, cpu_model  # noqa: E402
 
 log = logging.getLogger("bench_kernels")
 
@@ -82,16 +82,6 @@ DECODE_TARGET_VS_BF16 = 2.5
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -200,7 +190,6 @@ def cpu_kernel_rows(shapes: list[tuple[int, int]], batches: list[int], args: arg
             log.info("%5dx%-5d M=%-2d g%-3d fp32 %9.1f  bf16 %9.1f  int4 %9.1f  int4_op %9.1f us  "
                      "(%d rounds) relerr %.1e", n, k, m, g, t["fp32"], t["bf16"], t["int4"], t["int4_op"],
                      res["fp32"]["rounds"], err)
-        del mod, w32, w16
     return rows
 
 
@@ -532,13 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     started = _dt.datetime.now().astimezone()
-    meta = {"threads": threads, "torch": torch.__version__, "cpu_model": cpu_model(), "date": started.isoformat(),
-            "cpu_count": os.cpu_count()}
+    meta = {"threads": threads, "torch": torch.__version__, "cpu_model": cpu_model(), "cpu_capability": cpu_capability(),
+            "date": started.isoformat(), "cpu_count": os.cpu_count()}
     t_start = time.perf_counter()
     out: list[str] = []
     out.append(f"bench_kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     out.append(f"date {started.isoformat(timespec='seconds')}  torch {torch.__version__}  threads {threads}  "
-               f"cpu '{meta['cpu_model']}' ({os.cpu_count()} logical CPUs)  loadavg at start {loadavg()}")
+               f"cpu '{meta['cpu_model']}' ({os.cpu_count()} logical CPUs, {meta['cpu_capability']})  "
+               f"loadavg at start {loadavg()}")
     out.append(f"budget {args.budget}s per (shape, batch), >= {args.min_rounds} interleaved rounds; "
                f"group size {args.group_size} ({args.small_group_size} where K % {args.group_size} != 0)")
     try:

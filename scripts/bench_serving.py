@@ -67,6 +67,8 @@ if str(REPO / "src") not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from quantlab.tracking.env import cpu_capability, cpu_model  # noqa: E402
+
 log = logging.getLogger("bench_serving")
 
 DEFAULTS = dict(rates="0.5,1,2,4", n_requests=24, prompt_len=64, output_len=32, context_lens="64,256,512",
@@ -312,13 +314,7 @@ def plot(rows: list[dict], out: Path, rate_title: str, context_title: str) -> No
         axes[1].plot([r["rate"] for r in rs], [r["ttft_p50_s"] for r in rs], "o-", label=arm)
     axes[0].set(xlabel="request rate (req/s)", ylabel="TPOT p50 (ms/token)", title="time per output token")
     axes[1].set(xlabel="request rate (req/s)", ylabel="TTFT p50 (s)", title="time to first token")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(rate_title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "latency_vs_rate.png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, list(axes), rate_title, out / "latency_vs_rate.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for arm in arms:
@@ -327,25 +323,21 @@ def plot(rows: list[dict], out: Path, rate_title: str, context_title: str) -> No
         ax.plot([r["prompt_len"] for r in rs], [r["throughput_tok_s"] for r in rs], "o-", label=arm)
     ax.set(xlabel="prompt length (tokens)", ylabel="throughput (output tok/s)",
            title="throughput vs context")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.suptitle(context_title, fontsize=9)
+    _save(plt, fig, [ax], context_title, out / "throughput_vs_context.png")
+
+
+def _save(plt: Any, fig: Any, axes: list[Any], title: str, path: Path) -> None:
+    """Grid and legend on every panel, the figure title, then write ``path`` and close the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "throughput_vs_context.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- main
-def cpu_model() -> str:
-    """The CPU's model name and core count, from /proc/cpuinfo where there is one."""
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} logical cores"
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rates", help=f"request rates, req/s (default {DEFAULTS['rates']})")
@@ -428,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = dict(model="tiny" if args.tiny else "SmolLM2-135M-Instruct (GGUF wheel)",
                 note="" if args.tiny else FP_NOTE, engine="transformers continuous batching (CPU arms)",
-                torch=torch.__version__, transformers=transformers.__version__, cpu=cpu_model(),
+                torch=torch.__version__, transformers=transformers.__version__,
+                cpu=f"{cpu_model()}, {os.cpu_count()} logical cores, {cpu_capability()}",
                 threads=torch.get_num_threads(), prompt_token_range=list(vocab), arms=arms, not_run=not_run,
                 args={k: v for k, v in vars(args).items()}, wall_s=time.perf_counter() - t_start)
     (out / "serving.json").write_text(json.dumps(dict(meta=meta, rows=rows, ratios=rat), indent=1))

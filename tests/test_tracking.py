@@ -201,7 +201,7 @@ def test_capture_env_has_versions_and_git_keys():
     assert env["device"] == "cpu"
     assert env["packages"]["hydra-core"] is not None and env["packages"]["numpy"] == np.__version__
     assert "lm-eval" in env["packages"] and "bitsandbytes" in env["packages"]
-    assert {"git_sha", "git_dirty", "quantlab", "cuda", "gpu_name"} <= set(env)
+    assert {"git_sha", "git_dirty", "quantlab", "cuda", "gpu_name", "cpu", "cpu_count", "cpu_capability"} <= set(env)
     if not torch.cuda.is_available():
         assert env["gpu_name"] is None
     assert env == json.loads(json.dumps(env))  # JSON-native

