@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quantlab.deploy.config import check_packable
+from quantlab.deploy.config import DeployConfig, check_packable
 from quantlab.deploy.export import FORMATS, write_checkpoint
 from quantlab.errors import ConfigError, QuantlabError
 from quantlab.quantizers.artifacts import ARTIFACTS_FILE
@@ -67,8 +67,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, device: str =
     if result.codes is None:
         raise RuntimeError(f"{quantizer.name} returned no codes")
     deploy = summary.get("deploy") or {}
-    if deploy.get("pack"):
-        label = label.removesuffix(f" [packed {deploy.get('backend')}]")
+    if deploy.get("pack"):  # the exported model is the method's, whatever backend the run evaluated it with
+        label = label.removesuffix(DeployConfig(pack=True, backend=deploy["backend"]).label())
     meta = {"method_label": label, "run_dir": str(run_dir), "run_id": record.get("run_id"),
             "variant": (record.get("variant") or {}).get("id"), "format_spec": record.get("format"),
             "quantizer": quantizer.name, "model": spec.model.name}

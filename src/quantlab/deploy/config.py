@@ -63,24 +63,12 @@ class DeployConfig:
 def check_exports_early(quantizer: Any, formats: tuple[str, ...]) -> None:
     """Before any work: refuse exports the method's settings already rule out (the same rules as
     :func:`quantlab.deploy.export.check_export`, which checks the codes themselves afterwards)."""
-    from quantlab.deploy.export import GROUP_SIZES
+    from quantlab.deploy.export import check_scheme
 
-    fmt = quantizer.format
-    cfg = quantizer.config
+    fmt, cfg = quantizer.format, quantizer.config
     act_order = bool(getattr(cfg, "act_order", False)) and not getattr(cfg, "static_groups", False)
     for name in formats:
-        if fmt.group_size not in GROUP_SIZES:
-            raise ConfigError("quantizer.format.group_size", f"{name} export: group size {fmt.group_size} is not one "
-                                                             f"vLLM's Marlin kernels take ({GROUP_SIZES})")
-        if name == "gptq" and not fmt.symmetric:
-            raise ConfigError("quantizer.format.symmetric", "gptq export: vLLM serves symmetric GPTQ only; export "
-                                                            "compressed-tensors or awq for an asymmetric model")
-        if name == "compressed-tensors" and act_order:
-            raise ConfigError("quantizer.act_order", "compressed-tensors >= 0.20 stores no g_idx: export gptq, or "
-                                                     "quantize with act_order=false or static_groups=true")
-        if name == "awq" and (fmt.bits != 4 or act_order):
-            raise ConfigError("quantizer.format.bits" if fmt.bits != 4 else "quantizer.act_order",
-                              "awq export holds 4-bit codes in contiguous groups")
+        check_scheme(name, fmt.bits, fmt.group_size, fmt.symmetric, act_order)
 
 
 def check_packable(quantizer: Any, key: str = "deploy.pack") -> None:

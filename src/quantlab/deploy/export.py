@@ -62,31 +62,38 @@ def common_group_size(codes: dict[str, QuantizedWeight], key: str = "quantizer.f
     raise ConfigError(key, f"layers use different group sizes {sorted(sizes)}; a checkpoint has one")
 
 
+def check_scheme(fmt: str, bits: int, group_size: int, symmetric: bool, act_order: bool) -> None:
+    """The rules of the table above: raise :class:`ConfigError`, naming the setting, when ``fmt`` cannot hold a
+    ``bits``-bit scheme with this group size (-1 per channel), symmetry and act_order (permuted groups).
+    Checked from the method's config before any work (:func:`quantlab.deploy.config.check_exports_early`) and
+    from the codes themselves before writing (:func:`check_export`)."""
+    if group_size not in GROUP_SIZES:
+        raise ConfigError("quantizer.format.group_size", f"{fmt} export: group size {group_size} is not one vLLM's "
+                                                         f"Marlin kernels take ({GROUP_SIZES})")
+    if fmt == "compressed-tensors" and act_order:
+        raise ConfigError("quantizer.act_order", "compressed-tensors >= 0.20 stores no g_idx: export gptq, or "
+                                                 "quantize with act_order=false or static_groups=true")
+    if fmt == "gptq" and not symmetric:
+        raise ConfigError("quantizer.format.symmetric", "gptq export: vLLM serves symmetric GPTQ only (asymmetric "
+                                                        "raises 'Unsupported quantization config'); export "
+                                                        "compressed-tensors or awq for an asymmetric model")
+    if fmt == "awq" and (bits != 4 or act_order):
+        raise ConfigError("quantizer.format.bits" if bits != 4 else "quantizer.act_order",
+                          "awq export holds 4-bit codes in contiguous groups")
+
+
 def check_export(fmt: str, codes: dict[str, QuantizedWeight], key: str = "deploy.export") -> None:
     """Raise :class:`ConfigError` when ``fmt`` cannot represent ``codes``."""
     if fmt not in FORMATS:
         raise ConfigError(key, f"unknown format {fmt!r}; choose from {FORMATS}")
     if not codes:
         raise ConfigError(key, "no quantized Linear to export")
-    g = common_group_size(codes)
-    if g not in GROUP_SIZES:
-        raise ConfigError("quantizer.format.group_size", f"{fmt} export: group size {g} is not one vLLM's Marlin "
-                                                         f"kernels take ({GROUP_SIZES})")
     bits = {qw.bits for qw in codes.values()}
     sym = {qw.symmetric for qw in codes.values()}
-    act_order = any(qw.g_idx is not None for qw in codes.values())
-    if fmt == "compressed-tensors" and act_order:
-        raise ConfigError("quantizer.act_order", "compressed-tensors >= 0.20 stores no g_idx: export gptq, or "
-                                                 "quantize with act_order=false or static_groups=true")
-    if fmt == "gptq" and sym != {True}:
-        raise ConfigError("quantizer.format.symmetric", "gptq export: vLLM serves symmetric GPTQ only (asymmetric "
-                                                        "raises 'Unsupported quantization config'); export "
-                                                        "compressed-tensors or awq for an asymmetric model")
-    if fmt == "awq" and (bits != {4} or act_order):
-        raise ConfigError("quantizer.format.bits" if bits != {4} else "quantizer.act_order",
-                          "awq export holds 4-bit codes in contiguous groups")
     if len(bits) != 1 or len(sym) != 1:
         raise ConfigError(key, "layers differ in bits or symmetry; a checkpoint has one scheme")
+    check_scheme(fmt, bits.pop(), common_group_size(codes), sym.pop(),
+                 any(qw.g_idx is not None for qw in codes.values()))
 
 
 def _layer_tensors(fmt: str, qw: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
