@@ -56,7 +56,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, device: str =
         qcfg = dataclasses.replace(qcfg, load_artifacts=str(run_dir))
     quantizer = build_quantizer(qcfg)
     check_packable(quantizer, "export.run_dir")
-    loaded = load_model(dataclasses.replace(spec.model, device=device, device_map=None))
+    loaded = load_model(dataclasses.replace(spec.model, device=device, device_map=None, offload=None))
     quantizer.validate(loaded.model)
     summary = record.get("quant_summary") or {}
     label = str(summary.get("method_label") or quantizer.label(spec.model.dtype))

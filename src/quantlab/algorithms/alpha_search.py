@@ -328,7 +328,7 @@ def _pass(model: nn.Module, mapping: ArchMapping, groups_fn: GroupsFn, targets: 
     for i, block in enumerate(blocks):
         name = mapping.block_name(i)
         rel = relative_names(targets, name)
-        with on_device([block], device):
+        with on_device([block], device, writeback=False):  # every candidate's change is restored
             groups = groups_fn(block)
             if fp is not None:  # first wave: fp statistics and the fp stream, from the untouched block
                 fp = _fp_stats(BlockContext(i, name, block, fp, mapping, device), groups, stats)
@@ -352,7 +352,7 @@ def _pass(model: nn.Module, mapping: ArchMapping, groups_fn: GroupsFn, targets: 
 
 def _final(model: nn.Module, mapping: ArchMapping, hidden: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     norm = model.get_submodule(mapping.final_norm)
-    with on_device([norm], device):
+    with on_device([norm], device, writeback=False):
         return [norm(h) for h in hidden]
 
 
@@ -363,7 +363,7 @@ def _losses(model: nn.Module, mapping: ArchMapping, kind: str, streams: dict[int
     norm, head = model.get_submodule(mapping.final_norm), model.get_submodule(mapping.lm_head)
     n_tok = sum(r.shape[0] * r.shape[1] for r in ref)
     out = {}
-    with on_device([norm, head], device):
+    with on_device([norm, head], device, writeback=False):
         G = gram(head.weight) if kind == "logits_mse" else None
         for j, stream in streams.items():
             if stream is None:

@@ -45,6 +45,7 @@ from torch import nn
 
 from quantlab.errors import DataError
 from quantlab.models.mappings import ArchMapping
+from quantlab.models.offload import execution_device, is_offloaded, materialized
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ def _to(value: Any, device: torch.device) -> Any:
         return tuple(_to(v, device) for v in value)
     if isinstance(value, list):
         return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 
@@ -192,8 +195,18 @@ def check_finite(t: torch.Tensor, where: str) -> None:
 
 
 @contextmanager
-def on_device(modules: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
-    """Temporarily move ``modules`` to ``device`` (no-op when they are already there)."""
+def on_device(modules: Sequence[nn.Module], device: torch.device, *, writeback: bool = True) -> Iterator[None]:
+    """Temporarily move ``modules`` to ``device`` (no-op when they are already there).
+
+    Offloaded modules (``model.offload=disk``) are read onto ``device`` instead, and with ``writeback``
+    their parameters are written back to the offload on leaving (:func:`quantlab.models.offload.materialized`);
+    pass ``writeback=False`` for read-only passes. Every weight change of a method happens inside this
+    context, so it reaches the offloaded model.
+    """
+    if any(is_offloaded(m) for m in modules):
+        with materialized(modules, device, writeback=writeback):
+            yield
+        return
     homes = []
     for m in modules:
         p = next(iter(m.parameters()), None)
@@ -233,7 +246,7 @@ def capture_block_inputs(
     pre = [model.get_submodule(p) for p in mapping.pre_blocks]
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with on_device(pre, device):
+        with on_device(pre, device, writeback=False):
             for chunk in plan:
                 try:
                     model(input_ids=chunk.tokens.to(device), use_cache=False)
@@ -348,6 +361,7 @@ def run_sequential(
     batch_size: int | None = None,
     propagate: str = "quantized",
     desc: str = "calibrate",
+    writeback: bool = True,
 ) -> None:
     """Call ``fn`` on every decoder block in order, feeding each block's outputs to the next.
 
@@ -362,6 +376,8 @@ def run_sequential(
         batch_size: sequences per forward chunk (None: as many as fit in 16384 tokens).
         propagate: ``quantized`` = next inputs come from the block after ``fn`` (errors propagate);
             ``fp`` = from the block before ``fn``.
+        writeback: ``fn`` may change the blocks (an offloaded model gets them written back); False for
+            statistics-only passes.
     """
     if propagate not in ("quantized", "fp"):
         raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
@@ -373,8 +389,11 @@ def run_sequential(
     log.info("%s: %d blocks, %s on %s", desc, len(blocks), describe_chunks(plan), device)
     try:
         for i, block in enumerate(blocks):
-            with on_device([block], device):
-                ctx = BlockContext(i, mapping.block_name(i), block, data, mapping, device)
+            dev = execution_device(block, device)  # a block sharded onto another GPU is computed there
+            if data.hidden and data.hidden[0].device != dev:
+                data = BlockData([h.to(dev) for h in data.hidden], [_to(kw, dev) for kw in data.kwargs], data.index)
+            with on_device([block], dev, writeback=writeback):
+                ctx = BlockContext(i, mapping.block_name(i), block, data, mapping, dev)
                 fp_out = ctx.forward() if propagate == "fp" else None
                 ret = fn(ctx)
                 outs = fp_out if fp_out is not None else (ret if ret is not None else ctx.forward())

@@ -56,5 +56,5 @@ def collect_group_absmax(
         return ctx.collect(list(groups), on_input, early_exit=False)
 
     run_sequential(model, mapping, tokens, per_block, device=device, batch_size=batch_size, propagate="quantized",
-                   desc="activation absmax")
+                   desc="activation absmax", writeback=False)
     return stats

@@ -110,26 +110,35 @@ def _model_preserved(model: nn.Module) -> Iterator[None]:
 
     HFLM calls ``model.eval()`` and ``model.tie_weights()``; afterwards every module's training flag, every
     parameter object (a re-tie would replace one) and every parameter's device, dtype and
-    ``requires_grad`` are restored.
+    ``requires_grad`` are restored. An offloaded model (``model.offload``) is checked on its offload
+    entries, without reading a weight.
     """
+    from compressed_tensors.offload import disable_onloading
+
     modes = [(m, m.training) for m in model.modules()]
-    params = [(m, n, p, p.device, p.dtype, p.requires_grad)
-              for m in model.modules() for n, p in m._parameters.items() if p is not None]
+    with disable_onloading():
+        params = [(m, n, p, p.device, p.dtype, p.requires_grad)
+                  for m in model.modules() for n, p in m._parameters.items() if p is not None]
     try:
         with torch.no_grad():
             yield
     finally:
-        for m, training in modes:
-            m.training = training
-        for m, n, p, device, dtype, requires_grad in params:
-            if m._parameters.get(n) is not p:
-                log.warning("lm-eval replaced parameter %s of a %s; restoring it", n, type(m).__name__)
-                m._parameters[n] = p
-            if (p.device, p.dtype) != (device, dtype):
-                log.warning("lm-eval moved a parameter to %s/%s; restoring %s/%s",
-                            p.device, p.dtype, device, dtype)
-                p.data = p.data.to(device=device, dtype=dtype)
-            p.requires_grad_(requires_grad)
+        with disable_onloading():
+            _restore(modes, params)
+
+
+def _restore(modes: list, params: list) -> None:
+    for m, training in modes:
+        m.training = training
+    for m, n, p, device, dtype, requires_grad in params:
+        if m._parameters.get(n) is not p:
+            log.warning("lm-eval replaced parameter %s of a %s; restoring it", n, type(m).__name__)
+            m._parameters[n] = p
+        if (p.device, p.dtype) != (device, dtype):
+            log.warning("lm-eval moved a parameter to %s/%s; restoring %s/%s",
+                        p.device, p.dtype, device, dtype)
+            p.data = p.data.to(device=device, dtype=dtype)
+        p.requires_grad_(requires_grad)
 
 
 def _metric_names(entry: Mapping[str, Any]) -> dict[str, tuple[str, str, float]]:

@@ -191,6 +191,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
     """AWQ: activation-aware scale search (eq. 4-5), clip search, then group-wise RTN."""
 
     packable = True
+    offloadable = True
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:

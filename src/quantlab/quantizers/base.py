@@ -150,6 +150,9 @@ class Quantizer(ABC, Generic[C]):
     #: True when, with ``ctx.keep_codes``, :meth:`quantize` returns every quantized Linear's integer codes
     #: (:attr:`QuantResult.codes`): the run can be packed and exported (:mod:`quantlab.deploy`)
     packable: ClassVar[bool] = False
+    #: True when every weight change of :meth:`quantize` happens inside the calibration engine's
+    #: ``on_device`` (one block or Linear at a time): the method runs on offloaded models (``model.offload``)
+    offloadable: ClassVar[bool] = False
 
     def __init__(self, config: C) -> None:
         if not isinstance(config, self.config_cls):

@@ -115,6 +115,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
     """GPTQ on the shared calibration engine (fake quantization: dequantized weights in the model's dtype)."""
 
     packable = True
+    offloadable = True
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:

@@ -28,6 +28,7 @@ class NoneQuantizer(Quantizer[NoneConfig]):
     """Leaves the model untouched."""
 
     is_identity = True
+    offloadable = True
 
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
         return QuantResult(model=model, quantized_layers=[], summary={"n_layers": 0})

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from quantlab.calib.sequential import on_device
 from quantlab.formats import affine
 from quantlab.formats.codes import QuantizedWeight, from_format
 from quantlab.formats.nf4 import (
@@ -55,6 +56,7 @@ class RTNQuantizer(Quantizer[RTNConfig]):
     """Replaces each selected Linear's weight by its RTN fake-quantized value."""
 
     supported_kinds = ("int", "nf4", "fp4")
+    offloadable = True
     packable = True  # int formats (a codebook format is bitsandbytes' own: refused by quantlab.deploy)
 
     @staticmethod
@@ -76,23 +78,27 @@ class RTNQuantizer(Quantizer[RTNConfig]):
         artifacts: dict[str, torch.Tensor] = {}
         codes: dict[str, QuantizedWeight] | None = {} if ctx.keep_codes and not fmt.is_codebook else None
         for name, mod in self.target_linears(model):
-            w = mod.weight.data
-            if fmt.is_codebook:
-                deq, parts = self._codebook(w, fmt)
-                mod.weight.data.copy_(deq.to(w.dtype))
-                if self.config.save_codes:
-                    artifacts.update({f"{name}.{k}": v.cpu() for k, v in parts.items()})
-                done.append(name)
-                continue
-            q, scale, zero = affine.quantize_weight(w, fmt)
-            mod.weight.data.copy_(affine.dequantize(q, scale, zero, fmt).to(w.dtype))
-            if self.config.save_codes:
-                artifacts[f"{name}.qweight"] = q.cpu()
-                artifacts[f"{name}.scales"] = scale.to(torch.float32).cpu()
-                artifacts[f"{name}.zeros"] = zero.to(torch.uint8).cpu()
-            if codes is not None:
-                codes[name] = from_format(q.cpu(), scale.cpu(), zero.cpu(), fmt)  # CPU: off the accelerator
+            with on_device([mod], ctx.device):  # an offloaded Linear is read, changed and written back
+                self._quantize_linear(name, mod, fmt, artifacts, codes)
             done.append(name)
         log.info("RTN %s: quantized %d Linear layers", fmt.short_name(), len(done))
         return QuantResult(model=model, quantized_layers=done, artifacts=artifacts, summary={"n_layers": len(done)},
                            codes=codes)
+
+    def _quantize_linear(self, name: str, mod: nn.Module, fmt: QuantFormat, artifacts: dict[str, torch.Tensor],
+                         codes: dict[str, QuantizedWeight] | None) -> None:
+        w = mod.weight.data
+        if fmt.is_codebook:
+            deq, parts = self._codebook(w, fmt)
+            mod.weight.data.copy_(deq.to(w.dtype))
+            if self.config.save_codes:
+                artifacts.update({f"{name}.{k}": v.cpu() for k, v in parts.items()})
+            return
+        q, scale, zero = affine.quantize_weight(w, fmt)
+        mod.weight.data.copy_(affine.dequantize(q, scale, zero, fmt).to(w.dtype))
+        if self.config.save_codes:
+            artifacts[f"{name}.qweight"] = q.cpu()
+            artifacts[f"{name}.scales"] = scale.to(torch.float32).cpu()
+            artifacts[f"{name}.zeros"] = zero.to(torch.uint8).cpu()
+        if codes is not None:
+            codes[name] = from_format(q.cpu(), scale.cpu(), zero.cpu(), fmt)  # CPU: off the accelerator

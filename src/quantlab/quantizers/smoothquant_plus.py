@@ -152,6 +152,7 @@ class SmoothQuantPlusQuantizer(BlockwiseQuantizer[SmoothQuantPlusConfig]):
     """SmoothQuant+: whole-model alpha search, exact smoothing, group-wise RTN."""
 
     packable = True
+    offloadable = True
 
     def label(self, model_dtype: str) -> str:
         """``smoothquant_plus w4g128a``, plus ``loss:<name>`` when the search minimises a loss other than
