@@ -23,10 +23,12 @@ from quantlab.errors import ConfigError
 from quantlab.evals.base import Evaluator
 from quantlab.metrics.footprint import GB, model_footprint, packed_estimate
 from quantlab.models.loaders import LoadedModel, ModelConfig, load_model
+from quantlab.models.offload import check_offloadable
 from quantlab.nn.swap import iter_linears
 from quantlab.quantizers.artifacts import ARTIFACTS_FILE, save_artifacts
 from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer, quantizer_class
 from quantlab.tracking.env import peak_memory, reset_peak_cuda
+from quantlab.tracking.rss import RssSampler
 from quantlab.tracking.record import write_table
 from quantlab.types import CalibData, EvalResult, RunContext
 from quantlab.utils.hashing import fingerprint
@@ -197,6 +199,8 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     if spec.deploy.needs_codes:
         check_packable(quantizer, "deploy.pack" if spec.deploy.pack else "deploy.export")
         check_exports_early(quantizer, spec.deploy.export)
+    if spec.model.offload is not None:
+        check_offloadable(quantizer, spec.deploy.needs_codes)
     loaded, fp_weights = _load(spec, quantizer)
     model, tok = loaded.model, loaded.tokenizer
     out.model_info = loaded.info
@@ -233,8 +237,10 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
                     "calibrated_on_eval_set", out.calib.get("name"), overlap)
     reset_peak_cuda()
     t0 = time.perf_counter()
-    result = quantizer.apply(model, calib, ctx)
+    with RssSampler() as rss:
+        result = quantizer.apply(model, calib, ctx)
     out.quant_time_s = round(time.perf_counter() - t0, 3)
+    quant_rss = {f"quantize_{k}": v for k, v in rss.summary().items()}
     model = result.model
     out.quant_summary = {**result.summary, "method_label": ctx.method_label}
     if quantizer.format is not None:
@@ -274,5 +280,5 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
             prov["model_note"] = note
     for name, rows in out.tables.items():
         write_table(rows, output_dir, name)
-    out.peak_memory = peak_memory()
+    out.peak_memory = {**peak_memory(), **quant_rss}
     return out

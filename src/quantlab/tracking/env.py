@@ -184,6 +184,8 @@ def peak_memory() -> dict[str, float | None]:
         executes several jobs in one process, a job's value includes every earlier job.
         ``peak_cuda_gb``: ``torch.cuda.max_memory_allocated()`` of the current device in GiB (peak
         of tensors allocated by PyTorch since the last :func:`reset_peak_cuda`), None without CUDA.
+        A run's record adds ``quantize_*``: the resident memory sampled during the quantization step
+        (:class:`quantlab.tracking.rss.RssSampler`).
     """
     import torch
 
