@@ -183,3 +183,19 @@ def test_growing_cache_layer_admits_right_aligned_rows_and_trims():
     layer.batch_select_indices(torch.tensor([0]))
     layer.trim_left(2)
     assert torch.equal(layer.keys[0, :, :3], k1[0]) and layer.get_seq_length() == 4
+
+
+def test_tensor_parallel_size_is_validated_and_needs_vllm():
+    from quantlab.models.tiny import build_tiny_llama
+
+    assert DecodingConfig(tensor_parallel_size=2, backend="vllm").tp_size() == 2
+    assert DecodingConfig(tensor_parallel_size="auto").tp_size() == max(1, torch.cuda.device_count())
+    for bad in (0, "two", 1.5):
+        with pytest.raises(ConfigError, match="tensor_parallel_size"):
+            DecodingConfig(tensor_parallel_size=bad)
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        DecodingConfig(tensor_parallel_size=2, backend="hf")
+    model, _ = build_tiny_llama()
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):  # auto backend, CPU model: no vLLM to shard
+        choose_backend(model, DecodingConfig(tensor_parallel_size=2))
+    assert choose_backend(model, DecodingConfig()) == "hf"

@@ -26,6 +26,9 @@ class DecodingConfig:
         batch_size: sequences decoded together (continuous batching: a finished sequence's slot is
             refilled at once with the next one).
         backend: ``auto`` (vLLM when installed and the model is on a GPU, else HF), ``hf``, ``vllm``.
+        tensor_parallel_size: vLLM's GPUs per model (tensor parallelism; ``auto``: every visible GPU). Above 1
+            it needs the vLLM backend (an error on HF). Recorded: another reduction order can change a
+            greedy completion.
         key: config key prefix used in error messages.
     """
 
@@ -38,6 +41,7 @@ class DecodingConfig:
     seed: int = 0
     batch_size: int = 16
     backend: str = "auto"
+    tensor_parallel_size: int | str = 1
     key: str = "generation"
 
     def __post_init__(self) -> None:
@@ -64,6 +68,19 @@ class DecodingConfig:
             raise ConfigError(f"{k}.seed", f"must be an integer, got {self.seed!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"{k}.backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
+        tp = self.tensor_parallel_size
+        if tp != "auto" and (not is_int(tp) or tp < 1):
+            raise ConfigError(f"{k}.tensor_parallel_size", f"must be an integer >= 1 or 'auto', got {tp!r}")
+        if tp not in (1, "auto") and self.backend == "hf":
+            raise ConfigError(f"{k}.tensor_parallel_size", f"{tp} GPUs per model needs backend vllm, not hf")
+
+    def tp_size(self) -> int:
+        """``tensor_parallel_size`` as a number (``auto``: the visible CUDA devices, at least 1)."""
+        if self.tensor_parallel_size == "auto":
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        return int(self.tensor_parallel_size)
 
     def describe(self) -> dict[str, Any]:
         """Decoding settings as recorded (sampling knobs are ``None`` under greedy decoding)."""

@@ -23,6 +23,9 @@ def choose_backend(model: nn.Module, cfg: DecodingConfig) -> str:
     if cfg.backend == "hf":
         return "hf"
     usable = vllm_available(model)
+    if cfg.tp_size() > 1 and not (usable and not exportable(model)):
+        raise ConfigError(f"{cfg.key}.tensor_parallel_size", f"{cfg.tp_size()} GPUs per model needs the vLLM "
+                                                             "backend: vllm installed and an exportable model on CUDA")
     if cfg.backend == "vllm":
         if not usable:
             raise ConfigError(f"{cfg.key}.backend", "vllm needs `pip install vllm` and the model on a CUDA device")

@@ -82,7 +82,7 @@ def vllm_generate(
     results: list[list[Completion]] = [[] for _ in requests]
     with tempfile.TemporaryDirectory(prefix="quantlab-vllm-") as tmp:
         _save_for_vllm(model, tokenizer, tmp)
-        llm = LLM(model=tmp, dtype=dtype, seed=cfg.seed, enforce_eager=False)
+        llm = LLM(model=tmp, dtype=dtype, seed=cfg.seed, enforce_eager=False, tensor_parallel_size=cfg.tp_size())
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.stop, []).append(i)

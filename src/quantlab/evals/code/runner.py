@@ -48,7 +48,7 @@ class CodeEval(Evaluator):
     """Shared settings of the code benchmarks (HumanEval, BabelCode, MultiPL-E).
 
     Attributes:
-        do_sample, temperature, top_k, top_p, n_samples, batch_size, backend: decoding
+        do_sample, temperature, top_k, top_p, n_samples, batch_size, backend, tensor_parallel_size: decoding
             (:class:`~quantlab.generation.DecodingConfig`); default greedy pass@1 as in the
             SmoothQuant+ paper.
         max_new_tokens: generation budget; ``None`` = the protocol's (plain/chat 512, instruct 768
@@ -78,6 +78,7 @@ class CodeEval(Evaluator):
     max_new_tokens: int | None = None
     batch_size: int = 16
     backend: str = "auto"
+    tensor_parallel_size: int | str = 1
     seed: int | None = None
     k: tuple[int, ...] = (1, 10, 100)
     stop: tuple[str, ...] | None = None
@@ -169,6 +170,7 @@ class CodeEval(Evaluator):
             do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             n=self.n_samples, max_new_tokens=budget, batch_size=self.batch_size,
             seed=self.seed if self.seed is not None else run_seed, backend=self.backend,
+            tensor_parallel_size=self.tensor_parallel_size,
             key=f"eval.{self.name or self.kind}",
         )
 

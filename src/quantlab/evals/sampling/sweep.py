@@ -67,6 +67,7 @@ class SamplingSweep(Evaluator):
         seed: base seed of the cell seeds.
         batch_size: sequences decoded together (1 = one prompt at a time, the paper's setting).
         backend: generation backend (``hf``, ``vllm``, ``auto``).
+        tensor_parallel_size: vLLM's GPUs per model (:class:`~quantlab.generation.config.DecodingConfig`).
         min_len: shortest content word (duplicate metric definition).
         resume: reuse generation calls stored by an earlier run of the same model and settings.
         plots: write the PNG plots.
@@ -82,6 +83,7 @@ class SamplingSweep(Evaluator):
     seed: int = 0
     batch_size: int = 16
     backend: str = "hf"
+    tensor_parallel_size: int | str = 1
     min_len: int = 2
     resume: bool = True
     plots: bool = True
@@ -91,7 +93,8 @@ class SamplingSweep(Evaluator):
     def __post_init__(self) -> None:
         key = f"eval.{self.name or 'sampling'}"
         self.grid(key)  # validates the lists
-        DecodingConfig(do_sample=True, batch_size=self.batch_size, backend=self.backend, seed=self.seed, key=key)
+        DecodingConfig(do_sample=True, batch_size=self.batch_size, backend=self.backend, seed=self.seed, key=key,
+                       tensor_parallel_size=self.tensor_parallel_size)
         if not is_int(self.min_len) or self.min_len < 1:
             raise ConfigError(f"{key}.min_len", f"must be an integer >= 1, got {self.min_len!r}")
 
@@ -114,7 +117,8 @@ class SamplingSweep(Evaluator):
     def _decoding(self, call: Call) -> DecodingConfig:
         return DecodingConfig(do_sample=True, temperature=call.temperature, top_k=call.top_k, top_p=1.0,
                               max_new_tokens=call.budget, seed=cell_seed(self.seed, call.temperature, call.top_k),
-                              batch_size=self.batch_size, backend=self.backend, key=f"eval.{self.name}")
+                              batch_size=self.batch_size, backend=self.backend, key=f"eval.{self.name}",
+                              tensor_parallel_size=self.tensor_parallel_size)
 
     def _stored_calls(self, path: Path, n_prompts: int) -> dict[str, dict[str, Any]]:
         """Complete stored calls by key (a later line for the same key wins)."""
