@@ -351,3 +351,20 @@ def test_wandb_tracker_offline_writes_summary_table_and_exit_code(tmp_path):
     assert curve == [(1, 2.5, 1e-4), (2, 2.0, 0.0)]  # a line chart per step, not just the table
     exits = {rid: [r.exit.exit_code for r in rs if r.WhichOneof("record_type") == "exit"] for rid, rs in runs.items()}
     assert exits == {rec_ok.run_id: [0], rec_bad.run_id: [1]}
+
+
+def test_rss_sampler_sees_an_allocation_during_the_step():
+    import time
+
+    import torch
+
+    from quantlab.tracking.rss import RssSampler, rss_now
+
+    with RssSampler(interval=0.005) as s:
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, written
+        time.sleep(0.05)  # several samples while it is held
+        del x
+    out = s.summary()
+    assert out["peak_rss_gb"] - out["start_rss_gb"] >= 60 / 1024  # >= 60 of the 64 MiB seen
+    assert out["n_samples"] >= 2 and out["interval_s"] == 0.005
+    assert rss_now()["rss"] > 0
