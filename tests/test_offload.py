@@ -140,3 +140,15 @@ def test_placement_rules(tiny):
     model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu"}
     with pytest.raises(ConfigError, match="model.device_map"):
         _check_placement(model)
+
+
+def test_generation_on_an_offloaded_model_equals_in_memory(tmp_path):
+    from quantlab.generation import DecodingConfig, GenRequest, generate
+
+    reqs = [GenRequest("def add(a, b):"), GenRequest("x = 1")]
+    cfg = DecodingConfig(do_sample=True, top_k=20, max_new_tokens=12, n=2, batch_size=4, backend="hf", seed=3)
+    mem, off = _load(tmp_path, offload=False), _load(tmp_path, offload=True)
+    a, _ = generate(mem.model, mem.tokenizer, reqs, cfg)
+    b, _ = generate(off.model, off.tokenizer, reqs, cfg)
+    assert [[c.token_ids for c in r] for r in a] == [[c.token_ids for c in r] for r in b]
+    assert all(len(c.token_ids) > 0 for r in a for c in r)
