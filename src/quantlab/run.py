@@ -8,11 +8,19 @@ single run under ``results/runs/`` (:func:`quantlab.sweep.single_job_argv`). In 
 recorded as failed and the sweep goes on; a job whose experiment, variant and seed already have an ok
 record is skipped (``rerun=true`` forces it); at the end the failed jobs are listed and the exit status
 is 1. A single run that fails exits 2 (a user error, one line) or with Python's traceback (a bug).
+
+Under ``torchrun`` (LLM-QAT with ``quantizer.train.parallel=ddp|fsdp``, :mod:`quantlab.qat.parallel`)
+every process composes the same config; rank 0 is the run (its Hydra directory, log, record and
+evaluation), ranks > 0 load the model and train with it, write into a temporary Hydra directory that
+is removed at exit, log warnings only, and exit 0 once training is over. Sweeps are refused there.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -33,6 +41,41 @@ def _config_dir() -> str:
         if (cand / "config.yaml").is_file():
             return str(cand)
     raise RuntimeError(f"quantlab configs not found next to {here} (broken install?)")
+
+
+def _torchrun_error(cfg: DictConfig, sweeping: bool) -> str | None:
+    """Under torchrun: why this command cannot run on several processes (None when it can)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if sweeping:
+        return (f"torchrun started {world} processes for a sweep; run one job per torchrun "
+                "(give every swept key one value, e.g. quantizer=llm_qat quantizer.wakv=4-8-4)")
+    if OmegaConf.select(cfg, "quantizer.train.parallel", default=None) is None:
+        method = HydraConfig.get().runtime.choices.get("quantizer")
+        return (f"quantizer.train.parallel: torchrun started {world} processes, but only LLM-QAT trains on "
+                f"several (quantizer={method}): run it without torchrun")
+    for key in ("model.device_map", "model.offload"):
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            return f"{key}: under torchrun each process holds the model on its own device: set it to null"
+    return None
+
+
+def _follow(cfg: DictConfig, output_dir: Path) -> None:
+    """Rank > 0 of a torchrun launch: the same run, without evaluations, exports or a record (rank 0 has
+    them); returns when the LLM-QAT quantizer says this rank's training is over."""
+    import dataclasses
+
+    from quantlab.deploy.config import DeployConfig
+    from quantlab.harness import execute
+    from quantlab.pipeline import build_spec
+    from quantlab.qat.parallel import FollowerDone
+
+    logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs the run
+    spec = dataclasses.replace(build_spec(cfg), evals=(), save_artifacts=False, deploy=DeployConfig())
+    try:
+        execute(spec, output_dir)
+    except FollowerDone:
+        return
+    raise RuntimeError("a torchrun rank > 0 finished a run without distributed training")
 
 
 def _skip_if_done(cfg: DictConfig, output_dir: Path, overrides: list[str]) -> bool:
@@ -66,9 +109,19 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     sweeping = hc.mode == RunMode.MULTIRUN
     choices = OmegaConf.to_container(hc.runtime.choices)
     output_dir, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    follower = world > 1 and int(os.environ.get("RANK", "0")) > 0  # torchrun rank > 0: module docstring
+    problem = _torchrun_error(cfg, sweeping) if world > 1 else None
+    if problem:
+        if not follower:  # every rank finds it, rank 0 says it
+            log.error("error: %s", problem)
+        sys.exit(2)
     if sweeping and _skip_if_done(cfg, output_dir, overrides):
         return None
     try:
+        if follower:
+            _follow(cfg, output_dir)
+            return None
         record = run(cfg, output_dir, overrides, choices)
     except Exception as e:
         err = find_quantlab_error(e)
@@ -80,7 +133,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             return None
         if err is None:
             raise  # a bug: Hydra prints the traceback (set HYDRA_FULL_ERROR=1 for all frames)
-        log.error("error: %s", err)
+        if not follower:  # a user error (a config value) is the same on every rank: rank 0 says it
+            log.error("error: %s", err)
         sys.exit(2)
     first = next(iter(record.metrics.values()), None)
     return first  # lets Hydra sweepers (e.g. optuna) optimise the first metric
@@ -93,7 +147,19 @@ def main() -> None:
 
     if single_job_argv(sys.argv[1:], _config_dir(), CONFIG_NAME):
         sys.argv.append("hydra.mode=RUN")
-    _hydra_main()
+    scratch = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: see the module docstring
+        from quantlab.qat.parallel import bind_local_device
+
+        bind_local_device()
+        if int(os.environ.get("RANK", "0")) > 0:
+            scratch = tempfile.mkdtemp(prefix=f"quantlab-rank{os.environ['RANK']}-")
+            sys.argv += [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null"]
+    try:
+        _hydra_main()
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     if callbacks.SWEEP_FAILURES:
         sys.exit(1)
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from quantlab.errors import ConfigError
 from quantlab.generation import DecodingConfig, GenRequest, generate
+from quantlab.qat import parallel
 from quantlab.utils.checks import is_int
 from quantlab.utils.jsonl import append_jsonl, read_jsonl
 
@@ -149,32 +150,56 @@ def generate_data(model: nn.Module, tokenizer: Any, cfg: DataGenConfig, director
 
     Returns rows ``{"index", "first", "greedy_len", "ids"}`` in index order. A directory holding
     sequences of other settings (its ``meta``) raises instead of mixing them.
+
+    Under torchrun (:mod:`quantlab.qat.parallel`) the batches a single process would decode are dealt
+    out to the ranks in turn (batch ``k`` to rank ``k mod W``): a sequence's first token, prefix length
+    and sampling generator depend only on its index, and every batch is the one a single process would
+    form, so the union is the single-process data. After each round the new rows are gathered on every
+    rank; rank 0 alone reads and writes ``directory`` and sends the rows it had cached to the others.
     """
     import json
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     info = {**asdict(cfg), **(meta or {})}
     info["greedy_prefix"] = list(cfg.greedy_prefix)
     meta_path = directory / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()) != info:
-        raise ConfigError("quantizer.data", f"{directory} holds sequences of other settings; use another directory")
-    meta_path.write_text(json.dumps(info, indent=2))
-    have = {r["index"]: r for r in read_jsonl(directory / SEQUENCES) if "index" in r and "ids" in r}
+    lead, n_ranks, me = parallel.is_lead(), parallel.world_size(), parallel.rank()
+    have: dict[int, dict[str, Any]] = {}
+    error = None
+    if lead:
+        directory.mkdir(parents=True, exist_ok=True)
+        if meta_path.exists() and json.loads(meta_path.read_text()) != info:
+            error = f"{directory} holds sequences of other settings; use another directory"
+        else:
+            meta_path.write_text(json.dumps(info, indent=2))
+            have = {r["index"]: r for r in read_jsonl(directory / SEQUENCES) if "index" in r and "ids" in r}
+    error, todo = parallel.broadcast_object((error, [i for i in range(cfg.n_sequences) if i not in have]))
+    if error:
+        raise ConfigError("quantizer.data", error)
     vocab = start_vocab(tokenizer, model.config.vocab_size, cfg.exclude_special)
-    todo = [i for i in range(cfg.n_sequences) if i not in have]
     if have:
         log.info("QAT data: %d of %d sequences already in %s", len(have), cfg.n_sequences, directory)
-    bar = tqdm(total=cfg.n_sequences, initial=cfg.n_sequences - len(todo), desc="QAT data", unit="seq", leave=False)
+    bar = tqdm(total=cfg.n_sequences, initial=cfg.n_sequences - len(todo), desc="QAT data", unit="seq",
+               leave=False, disable=not lead)
+    chunks = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
     try:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
-            plans = [(i, *cfg.plan(i, vocab)) for i in chunk]
-            seqs = _generate_batch(model, tokenizer, cfg, plans)
-            rows = [{"index": i, "first": first, "greedy_len": j, "ids": s} for (i, first, j), s in zip(plans, seqs)]
-            append_jsonl(directory / SEQUENCES, rows)
+        for first_chunk in range(0, len(chunks), n_ranks):  # one chunk per rank and round
+            mine = chunks[first_chunk + me] if first_chunk + me < len(chunks) else []
+            rows = []
+            if mine:
+                plans = [(i, *cfg.plan(i, vocab)) for i in mine]
+                seqs = _generate_batch(model, tokenizer, cfg, plans)
+                rows = [{"index": i, "first": first, "greedy_len": j, "ids": s}
+                        for (i, first, j), s in zip(plans, seqs)]
+            rows = [r for part in parallel.gather_objects(rows) for r in part]  # rank order = chunk order
+            if lead:
+                append_jsonl(directory / SEQUENCES, rows)
             have.update({r["index"]: r for r in rows})
             bar.update(len(rows))
     finally:
         bar.close()
+    if n_ranks > 1:  # the rows rank 0 found cached
+        new = set(todo)
+        cached = {i: r for i, r in have.items() if i not in new} if lead else None
+        have.update(parallel.broadcast_object(cached))
     return [have[i] for i in range(cfg.n_sequences)]

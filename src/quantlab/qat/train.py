@@ -17,10 +17,19 @@ every parameter of the student is trained. Batches are drawn from a permutation 
 epoch), so step ``k`` sees the same rows whether or not the run was interrupted: resuming from a
 checkpoint (student weights, optimiser, scheduler, loss history, written atomically) continues the
 exact trajectory.
+
+``parallel=ddp|fsdp`` trains on the processes torchrun started (:mod:`quantlab.qat.parallel`):
+``batch_size`` stays the global micro-batch, each rank computes the loss of its contiguous slice of
+it, gradients are averaged over the ranks and the recorded loss is the mean over the ranks, i.e. the
+single-process loss of the whole micro-batch. Under ``fsdp`` rank 0 keeps the unsharded student for
+what follows (moved to the CPU while a sharded copy trains) and gets the trained weights back at the
+end. Checkpoints are written by rank 0 in the single-process format, so a run of either layout
+resumes the other's.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -34,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.errors import ConfigError
+from quantlab.qat import parallel as par
 from quantlab.utils.checks import is_int
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,10 @@ class TrainConfig:
         precision: ``fp32`` or ``bf16`` (forward passes under bf16 autocast, as the reference's
             ``--bf16``; parameters and optimiser states stay in the dtype the model was loaded in, so
             load it in float32 for fp32 master weights).
+        parallel: ``none`` (one process), ``ddp`` (replicas, DistributedDataParallel) or ``fsdp`` (FSDP2
+            shards) on the processes torchrun started; ``batch_size`` is then the global micro-batch,
+            split evenly over the ranks (:mod:`quantlab.qat.parallel`). Not part of the run's variant
+            or fingerprint: it changes where the sums are computed, not what they are.
     """
 
     steps: int = 100
@@ -73,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     precision: str = "fp32"
+    parallel: str = "none"
 
     def __post_init__(self) -> None:
         k = "quantizer.train"
@@ -90,6 +105,7 @@ class TrainConfig:
             raise ConfigError(f"{k}.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"{k}.loss", f"must be one of {LOSSES}, got {self.loss!r}")
+        par.check_launch(self.parallel, self.batch_size)
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "soft_ce") -> torch.Tensor:
@@ -135,7 +151,8 @@ def train_qat(student: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: T
     """Distil ``teacher`` into ``student`` on ``data`` (``(n_blocks, seq_len)`` token ids).
 
     Resumes from ``checkpoint_dir/qat_checkpoint.pt`` when present. ``stop_after`` ends the run after
-    that many steps (for a budgeted session; the checkpoint lets a later call continue).
+    that many steps (for a budgeted session; the checkpoint lets a later call continue). Under
+    ``cfg.parallel`` every rank calls this with the same arguments; rank 0's ``checkpoint_dir`` counts.
 
     Returns:
         The loss history ``[{"step", "loss", "lr"}]`` of every step so far (resumed ones included).
@@ -143,21 +160,34 @@ def train_qat(student: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: T
     device = next(student.parameters()).device
     teacher.eval().requires_grad_(False)
     student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
+    mode = cfg.parallel
+    if mode != "none":
+        par.init(device)
+    names = [n for n, p in student.named_parameters() if p.requires_grad]  # the optimizer's order
+    net, t_net = student, teacher
+    if mode == "fsdp":  # rank 0 keeps the plain student (on the CPU meanwhile); the others shard theirs
+        net = copy.deepcopy(student.to("cpu")) if par.is_lead() else student
+        t_net = par.wrap(teacher, mode, device, trainable=False)
+    if mode != "none":
+        net = par.wrap(net, mode, device)
+    params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg))
     history: list[dict[str, float]] = []
     start = 0
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
+    if mode == "none" and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, history = int(state["step"]), list(state["history"])
         log.info("QAT: resumed from %s at step %d", ckpt, start)
+    elif mode != "none":
+        start, history, ckpt = _resume_distributed(net, opt, sched, names, ckpt)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    bar = tqdm(total=cfg.steps, initial=start, desc="QAT", unit="step", leave=False)
+    bar = tqdm(total=cfg.steps, initial=start, desc="QAT", unit="step", leave=False,
+               disable=not par.is_lead())
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     try:
@@ -165,14 +195,17 @@ def train_qat(student: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: T
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(cfg.grad_accum):
-                ids = data[_batch_rows(step, micro, len(data), cfg)].to(device)
+                rows = _batch_rows(step, micro, len(data), cfg)
+                ids = data[par.shard_rows(rows) if mode != "none" else rows].to(device)
                 with autocast:
                     with torch.no_grad():
-                        t_logits = teacher(input_ids=ids).logits
-                    s_logits = student(input_ids=ids).logits
+                        t_logits = t_net(input_ids=ids).logits
+                    s_logits = net(input_ids=ids).logits
                 loss = distill_loss(s_logits, t_logits, cfg.loss) / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
+            if mode != "none":
+                total = par.mean_over_ranks(total, device)  # the loss of the whole global micro-batch
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
@@ -181,16 +214,45 @@ def train_qat(student: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: T
             bar.set_postfix(loss=f"{total:.4f}")
             done = step + 1
             if ckpt is not None and (done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-                _save(ckpt, student, opt, sched, done, history)
+                if mode == "none":
+                    _save(ckpt, student.state_dict(), opt.state_dict(), sched, done, history)
+                else:
+                    msd, osd = par.full_state(net, opt, names)
+                    if par.is_lead():
+                        _save(ckpt, msd, osd, sched, done, history)
+                    par.barrier()
     finally:
         bar.close()
+    if mode == "fsdp":  # rank 0: the trained weights back into the plain student
+        msd = par.full_state(net, None, names)[0]
+        if par.is_lead():
+            student.load_state_dict(msd)
+            student.to(device)
     student.eval()
     return history
 
 
-def _save(path: Path, student: nn.Module, opt: Any, sched: Any, step: int, history: list[dict[str, float]]) -> None:
+def _resume_distributed(net: nn.Module, opt: Any, sched: Any, names: list[str],
+                        ckpt: Path | None) -> tuple[int, list[dict[str, float]], Path | None]:
+    """Rank 0 reads the checkpoint (if any) and broadcasts it; every rank gets ``(step, history, path)``."""
+    state = None
+    if par.is_lead() and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    kept = {k: state[k] for k in ("step", "history", "scheduler")} if state else {}
+    meta = par.broadcast_object({"path": ckpt, "resume": state is not None, **kept})
+    if not meta["resume"]:
+        return 0, [], meta["path"]
+    par.load_full_state(net, opt, names, state and state["student"], state and state["optimizer"])
+    sched.load_state_dict(meta["scheduler"])
+    if par.is_lead():
+        log.info("QAT: resumed from %s at step %d (%d processes)", ckpt, meta["step"], par.world_size())
+    return int(meta["step"]), list(meta["history"]), meta["path"]
+
+
+def _save(path: Path, student_sd: dict[str, Any], opt_sd: dict[str, Any], sched: Any, step: int,
+          history: list[dict[str, float]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    torch.save({"student": student_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
                 "step": step, "history": history}, tmp)
     os.replace(tmp, path)

@@ -14,6 +14,9 @@
    trained. Progress is checkpointed under ``results/cache/qat/<run fingerprint>`` so rerunning the
    same command resumes; a finished training leaves ``student.safetensors`` there (and a rerun reuses
    it), or anywhere ``load_student`` points.
+   Under torchrun, ``train.parallel=ddp|fsdp`` splits the data generation and each batch over the
+   ranks (:mod:`quantlab.qat.parallel`); rank 0 alone writes the files and goes on to the evaluation,
+   the other ranks end with :class:`~quantlab.qat.parallel.FollowerDone` once training is over.
 
 Where the public code differs from the paper the choice is a setting and is recorded: ``arith`` (Eq. 3
 vs the code's epsilons), ``ste_clip`` (plain STE vs the code's fixed [-2, 2] gradient window),
@@ -45,6 +48,7 @@ from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
 from quantlab.formats.wakv import WAKV
 from quantlab.nn.qat import A_QUANTS, ARITHS, W_QUANTS, kv_linear_names, swap_wakv
+from quantlab.qat import parallel
 from quantlab.qat.datagen import DataGenConfig, generate_data
 from quantlab.qat.plots import plot_loss_curve
 from quantlab.qat.train import TrainConfig, blocks_from_sequences, train_qat
@@ -128,10 +132,17 @@ class LLMQATConfig(QuantizerConfig):
             raise ConfigError("quantizer.ste_clip", f"must be null or a number > 0, got {self.ste_clip!r}")
         if isinstance(self.statsq_k, bool) or not isinstance(self.statsq_k, (int, float)) or self.statsq_k <= 0:
             raise ConfigError("quantizer.statsq_k", f"must be a number > 0, got {self.statsq_k!r}")
+        if self.train.parallel != "none" and self.a_quant == "lsq" and setting.a_bits < 16:
+            raise ConfigError(parallel.KEY, "a_quant=lsq sets each step size from the first batch a process "
+                                            "sees, which differs per rank: train it with parallel=none")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings, without ``train.parallel``: where the sums run changes neither the run's variant
+        nor its fingerprint (a 1-process run resumes a torchrun run's checkpoint and vice versa); the
+        layout is in the run's summary (``train``, ``train_world_size``) and its resolved config."""
         d = super().to_dict()
         d["data"]["greedy_prefix"] = list(self.data.greedy_prefix)
+        d["train"].pop("parallel", None)
         return d
 
 
@@ -205,6 +216,8 @@ class LLMQATQuantizer(Quantizer[LLMQATConfig]):
         spec = {"arith": cfg.arith, "ste_clip": cfg.ste_clip, "w_quant": cfg.w_quant, "a_quant": cfg.a_quant,
                 "statsq_k": float(cfg.statsq_k)}
         if cfg.load_student:
+            if cfg.train.parallel != "none" and parallel.env_rank() > 0:
+                raise parallel.FollowerDone  # nothing to train: rank 0 loads, evaluates and records
             path = _student_file(cfg.load_student)
             swap_wakv(model, targets, kv, setting.w_bits, setting.a_bits, setting.kv_bits, **spec)
             load_model(model, str(path), strict=True, device=str(ctx.device))
@@ -214,10 +227,17 @@ class LLMQATQuantizer(Quantizer[LLMQATConfig]):
         work = results_root() / "cache" / "qat" / (ctx.run_fingerprint or "unkeyed")[:20]
         final = work / STUDENT_FILE
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        blocks, info = self._data(teacher, ctx)
+        distributed = cfg.train.parallel != "none"  # under torchrun: rank 0 reads and writes every file
+        if distributed:
+            parallel.init(ctx.device)
+        blocks, info = self._data(teacher, ctx)  # under torchrun: split over the ranks, gathered on all
         summary.update(info)
         swap_wakv(model, targets, kv, setting.w_bits, setting.a_bits, setting.kv_bits, **spec)
-        if ctx.run_fingerprint and final.is_file():
+        if parallel.broadcast_object(bool(ctx.run_fingerprint and final.is_file())):  # rank 0 decides
+            if distributed:
+                parallel.shutdown()
+                if parallel.env_rank() > 0:
+                    raise parallel.FollowerDone
             load_model(model, str(final), strict=True, device=str(ctx.device))
             history = json.loads((work / "history.json").read_text())
             summary.update({"reused_student": str(final), "train_wall_s": None})
@@ -227,6 +247,11 @@ class LLMQATQuantizer(Quantizer[LLMQATConfig]):
             history = train_qat(model, teacher, blocks, cfg.train,
                                 checkpoint_dir=work if ctx.run_fingerprint else None)
             summary["train_wall_s"] = round(time.perf_counter() - t0, 3)
+            if distributed:
+                summary["train_world_size"] = parallel.world_size()
+                parallel.shutdown()  # every rank together; rank 0 goes on alone (files, evaluation, record)
+                if parallel.env_rank() > 0:
+                    raise parallel.FollowerDone
             if ctx.run_fingerprint:
                 save_model(model, str(final))  # handles tied embeddings / lm_head
                 (work / "history.json").write_text(json.dumps(history))
