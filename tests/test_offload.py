@@ -152,3 +152,41 @@ def test_generation_on_an_offloaded_model_equals_in_memory(tmp_path):
     b, _ = generate(off.model, off.tokenizer, reqs, cfg)
     assert [[c.token_ids for c in r] for r in a] == [[c.token_ids for c in r] for r in b]
     assert all(len(c.token_ids) > 0 for r in a for c in r)
+
+
+def test_spilled_artifacts_stream_to_the_file_safetensors_would_write(tmp_path):
+    """GPTQ's codes (a quarter of an fp32 model) are spilled to part files and streamed into
+    artifacts.safetensors; the file reads back exactly as safetensors' own writer's (an independent
+    reference) and the mapping never holds more than its budget."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from quantlab.quantizers.artifacts import SpilledTensors, load_artifacts, save_artifacts
+
+    g = torch.Generator().manual_seed(0)
+    ref = {f"m.{i}.qweight": torch.randint(0, 16, (64, 96), generator=g, dtype=torch.uint8) for i in range(6)}
+    ref.update({"m.0.scales": torch.rand(64, 3, generator=g), "m.0.g_idx": torch.arange(96, dtype=torch.int32),
+                "alpha": torch.tensor(0.5, dtype=torch.float64), "m.0.bf": torch.rand(5, generator=g).bfloat16(),
+                "m.0.flag": torch.tensor([True, False]), "empty": torch.zeros(0, 4)})
+    spill = SpilledTensors(tmp_path, flush_bytes=10_000)  # each qweight is 6144 bytes: flushes every 2
+    for k, v in ref.items():
+        spill[k] = v
+        assert spill._bytes < 10_000
+    assert len(spill) == len(ref) and set(spill) == set(ref) and len(set(spill._where.values())) >= 3
+    assert all(torch.equal(spill[k], v) for k, v in ref.items())
+    save_artifacts(tmp_path / "a.safetensors", spill, "gptq", {"bits": 4})
+    save_file(ref, str(tmp_path / "b.safetensors"), metadata={"x": "y"})
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as fa, \
+            safe_open(str(tmp_path / "b.safetensors"), framework="pt") as fb:
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        for k in fb.keys():
+            a, b = fa.get_tensor(k), fb.get_tensor(k)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    tensors, cfg = load_artifacts(tmp_path / "a.safetensors", "gptq")
+    assert cfg == {"bits": 4} and torch.equal(tensors["m.3.qweight"], ref["m.3.qweight"])
+    folder = spill._dir
+    del spill
+    import gc
+
+    gc.collect()
+    assert not folder.exists()  # the part files go with the mapping

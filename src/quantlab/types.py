@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,8 @@ class QuantResult:
     Attributes:
         model: the (possibly in-place modified) model.
         quantized_layers: fully-qualified names of the Linears that were quantized.
-        artifacts: tensors needed to re-apply the result to a fresh model (codes, scales, ...).
+        artifacts: tensors needed to re-apply the result to a fresh model (codes, scales, ...); a dict, or
+            a :class:`~quantlab.quantizers.artifacts.SpilledTensors` holding them on disk.
         summary: scalar facts about the quantization (e.g. chosen alpha, damping used).
         tables: named row lists found while quantizing (e.g. SmoothQuant+'s alpha -> loss curve);
             saved in the run dir and logged like evaluator tables.
@@ -172,7 +173,7 @@ class QuantResult:
 
     model: torch.nn.Module
     quantized_layers: list[str] = field(default_factory=list)
-    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
+    artifacts: Mapping[str, torch.Tensor] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     images: dict[str, Path] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -126,7 +127,9 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         if calib is None:
             raise ConfigError("calib", "gptq needs calibration data")
         rows: list[dict[str, Any]] = []
-        arts: dict[str, torch.Tensor] = {}
+        # every weight's code is kept: spilled to part files as blocks finish (a quarter of an fp32 model)
+        parent = ctx.output_dir if Path(ctx.output_dir).is_dir() else None
+        arts = artifacts.SpilledTensors(parent)
         t0 = time.perf_counter()
 
         def per_block(bctx: BlockContext) -> list[torch.Tensor] | None:
