@@ -1,8 +1,8 @@
 """Memory of quantizing a model in memory vs. with its weights offloaded to disk (``model.offload=disk``).
 
 A synthetic Llama (random weights, seeded; TinyLlama-1.1B's shape by default: hidden 2048, intermediate
-5632, 22 layers, 32 heads / 4 KV heads, SmolLM2's 49152-token tokenizer, untied lm_head: 1.18e9
-parameters, 4.7 GB in float32) is built once and saved as sharded safetensors under the quantlab cache.
+5632, 22 layers, 32 heads / 4 KV heads, SmolLM2's 49152-token tokenizer, untied lm_head: 1.17e9
+parameters, 4.36 GiB in float32) is built once and saved as sharded safetensors under the quantlab cache.
 Then, for each method (GPTQ, AWQ, SmoothQuant+) and each mode, one fresh ``python -m quantlab`` process
 quantizes it and evaluates a short perplexity; the modes alternate (memory, disk, memory, ...). From each
 run's record the table shows:
@@ -15,7 +15,8 @@ run's record the table shows:
 * quantization time and the perplexity (the same in both modes: offloading changes where weights live,
   not the arithmetic).
 
-    python scripts/bench_offload.py                           # 1.18B, 3 methods x 2 modes (~1 h on 2 cores)
+    python scripts/bench_offload.py                           # 1.17B, 3 methods x 2 modes: 6 runs of 13-28 min
+                                                              # on 2 shared cores (OMP_NUM_THREADS=1)
     python scripts/bench_offload.py --shape small --methods gptq   # 0.06B smoke run (~1 min)
     python scripts/bench_offload.py --json results/bench/offload.json
     python scripts/bench_offload.py --table-from a.json b.json  # one table from earlier runs' JSON
