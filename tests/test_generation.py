@@ -199,3 +199,16 @@ def test_tensor_parallel_size_is_validated_and_needs_vllm():
     with pytest.raises(ConfigError, match="tensor_parallel_size"):  # auto backend, CPU model: no vLLM to shard
         choose_backend(model, DecodingConfig(tensor_parallel_size=2))
     assert choose_backend(model, DecodingConfig()) == "hf"
+
+
+def test_tensor_parallel_size_joins_the_variant_only_when_set():
+    """tensor_parallel_size=1 is how every run before it was made: it stays out of the variant, so those
+    records keep their ids; another value can change greedy completions and is in it."""
+    from quantlab.evals.code.humaneval import HumanEvalEval
+    from quantlab.evals.sampling.sweep import SamplingSweep
+
+    assert "tensor_parallel_size" not in HumanEvalEval(name="h").variant_settings()
+    assert HumanEvalEval(name="h", backend="vllm", tensor_parallel_size=2).variant_settings()["tensor_parallel_size"] == 2
+    assert "tensor_parallel_size" not in SamplingSweep(name="s").variant_settings()
+    assert SamplingSweep(name="s", backend="vllm", tensor_parallel_size="auto").variant_settings()[
+        "tensor_parallel_size"] == "auto"

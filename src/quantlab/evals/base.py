@@ -45,12 +45,16 @@ class Evaluator(ABC):
     #: one grid, e.g. the sampling sweep's ``temperature``): in the variant, but the report gives the slices
     #: one label so the study's tables join them
     slice_fields: ClassVar[tuple[str, ...]] = ()
+    #: settings added after runs were recorded, with the value that reproduces those runs: a field at that
+    #: value is left out of the variant, so the earlier records keep their variant id
+    neutral_settings: ClassVar[dict[str, Any]] = {}
 
     def variant_settings(self) -> dict[str, Any]:
         """The settings that can change this evaluator's numbers (part of the run's variant): every field
-        but ``name`` and :attr:`execution_fields`."""
+        but ``name``, :attr:`execution_fields` and :attr:`neutral_settings` at their neutral value."""
         drop = ("name", *self.execution_fields)
-        return {"kind": self.kind, **{k: v for k, v in dataclasses.asdict(self).items() if k not in drop}}
+        return {"kind": self.kind, **{k: v for k, v in dataclasses.asdict(self).items() if k not in drop
+                                      and not (k in self.neutral_settings and v == self.neutral_settings[k])}}
 
     def preflight(self) -> None:
         """Cheap checks run before the (possibly long) quantization: fail early on a missing data file

@@ -94,6 +94,7 @@ class CodeEval(Evaluator):
     #: report pass@k per language and their average (BabelCode / MultiPL-E)
     per_language: ClassVar[bool] = False
     execution_fields: ClassVar[tuple[str, ...]] = ("workers", "resume")
+    neutral_settings: ClassVar[dict[str, Any]] = {"tensor_parallel_size": 1}  # added 2026-12
 
     def __post_init__(self) -> None:
         key = f"eval.{self.name or self.kind}"

@@ -88,6 +88,7 @@ class SamplingSweep(Evaluator):
     resume: bool = True
     plots: bool = True
     execution_fields: ClassVar[tuple[str, ...]] = ("resume", "plots")
+    neutral_settings: ClassVar[dict[str, Any]] = {"tensor_parallel_size": 1}  # added 2026-12
     slice_fields: ClassVar[tuple[str, ...]] = ("temperature", "top_k")  # one job per grid slice
 
     def __post_init__(self) -> None:
