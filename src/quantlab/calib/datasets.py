@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantlab.calib.token_file import token_file_calib
 from quantlab.data.text import (
     HUB_SPLITS,
     encode_text,
@@ -71,7 +72,7 @@ from quantlab.utils.checks import is_int
 
 log = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("humaneval", "local", "wikitext2", "c4", "pile", "random")
+SOURCES: tuple[str, ...] = ("humaneval", "local", "wikitext2", "c4", "pile", "random", "tokens")
 SAMPLINGS: tuple[str, ...] = ("random_windows", "chunks", "documents", "awq_blocks")
 BOS_MODES: tuple[str, ...] = ("auto", "always", "never")
 _OFFLINE_HINT = "Offline? Use calib.source=local calib.path=/some/*.txt (or calib.path=stdlib_calib)"
@@ -82,14 +83,15 @@ class CalibConfig:
     """How to build the calibration set.
 
     Attributes:
-        source: ``humaneval`` | ``local`` | ``wikitext2`` | ``c4`` | ``pile`` | ``random``.
+        source: ``humaneval`` | ``local`` | ``wikitext2`` | ``c4`` | ``pile`` | ``random`` | ``tokens`` (ids
+            from a file, :mod:`quantlab.calib.token_file`).
         n_samples: rows of the tensor / documents; ``-1`` = every chunk or document available
             (``sampling`` ``chunks`` or ``documents`` only).
         seqlen: tokens per row (>= 2); for ``documents`` the most tokens kept per document.
         seed: seeds window offsets / document order / random ids (never the global RNG); unused by
             ``documents`` (source order).
-        path: ``local`` only: a file, directory, glob, ``"stdlib_calib"`` or ``"stdlib"``. Ignored (with a warning) for
-            other sources.
+        path: ``local``: a file, directory, glob, ``"stdlib_calib"`` or ``"stdlib"``; ``tokens``: the token file.
+            Ignored (with a warning) for other sources.
         split: dataset split for hub sources (``wikitext2``: train/validation/test; ``c4``:
             train/validation; ``pile``: validation); ignored otherwise.
         sampling: ``random_windows`` (GPTQ), ``chunks`` (AWQ-style concatenation) or ``documents``
@@ -126,9 +128,10 @@ class CalibConfig:
             raise ConfigError(
                 "calib.n_samples", f"must be a positive integer or -1 (all chunks / documents), got {self.n_samples!r}"
             )
-        if self.sampling == "documents" and self.source == "random":
-            raise ConfigError("calib.sampling", "documents needs a text source, calib.source=random has none")
-        if self.n_samples == -1 and (self.sampling not in ("chunks", "documents") or self.source == "random"):
+        if self.sampling == "documents" and self.source in ("random", "tokens"):
+            raise ConfigError("calib.sampling", f"documents needs a text source, calib.source={self.source} has none")
+        if self.n_samples == -1 and self.source != "tokens" and (
+                self.sampling not in ("chunks", "documents") or self.source == "random"):
             raise ConfigError(
                 "calib.n_samples",
                 "-1 (every chunk / document) needs calib.sampling=chunks or documents and a text source; "
@@ -147,6 +150,8 @@ class CalibConfig:
             raise ConfigError("calib.seqlen", f"must be an integer >= 2, got {self.seqlen!r}")
         if not is_int(self.seed) or self.seed < 0:
             raise ConfigError("calib.seed", f"must be a non-negative integer, got {self.seed!r}")
+        if self.source == "tokens" and (not isinstance(self.path, str) or not self.path.strip()):
+            raise ConfigError("calib.path", "calib.source=tokens needs the token file (.pt / .pth / .npy)")
         if self.source == "local" and (not isinstance(self.path, str) or not self.path.strip()):
             raise ConfigError(
                 "calib.path", "calib.source=local needs a file, directory, glob, 'stdlib_calib' or 'stdlib'"
@@ -274,8 +279,13 @@ def build_calib(cfg: CalibConfig, tokenizer: Any, vocab_size: int | None = None)
         DataError: the source cannot be read, or has too few tokens / documents for the request.
         ConfigError: ``calib.bos=always`` with a tokenizer that has no BOS token.
     """
-    if cfg.path is not None and cfg.source != "local":
+    if cfg.path is not None and cfg.source not in ("local", "tokens"):
         log.warning("calib.path=%r is ignored for calib.source=%s", cfg.path, cfg.source)
+    if cfg.source == "tokens":
+        data = token_file_calib(cfg.path, cfg.n_samples, cfg.seqlen, vocab_size, tokenizer)
+        log.info("calibration: %d x %d token ids from %s (sha256 %s)", data.n_samples, data.seqlen, cfg.path,
+                 data.sha256[:12])
+        return data
     if cfg.source == "random":
         data = _random_calib(cfg, tokenizer, vocab_size)
         log.info("calibration: %d x %d uniform random ids (seed %d)", data.n_samples, data.seqlen, cfg.seed)
