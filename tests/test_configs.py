@@ -5,6 +5,7 @@ import pytest
 import yaml
 from conftest import CONF, compose
 
+from quantlab.errors import ConfigError
 from quantlab.pipeline import build_spec
 from quantlab.quantizers.base import QUANTIZERS, quantizer_class
 
@@ -58,10 +59,16 @@ def test_format_configs_build(fmt):
     assert spec.quantizer.format.bits == raw["bits"] and spec.quantizer.format.group_size == raw["group_size"]
 
 
+REQUIRED = {"tokens_file": ["calib.path=ids.pt"]}  # presets with a value the user must give
+
+
 @pytest.mark.parametrize("calib", CALIBS)
 def test_calib_configs_build(calib):
-    spec = build_spec(compose([f"calib={calib}"]))
+    spec = build_spec(compose([f"calib={calib}", *REQUIRED.get(calib, [])]))
     assert spec.calib is not None and spec.calib.seqlen > 1
+    if calib in REQUIRED:  # without it: one error naming the key
+        with pytest.raises(ConfigError, match=REQUIRED[calib][0].split("=")[0]):
+            build_spec(compose([f"calib={calib}"]))
 
 
 @pytest.mark.parametrize("ev", EVALS)

@@ -193,6 +193,9 @@ def test_load_hub_texts_rejects_unknown_split():
 def test_calib_yamls_instantiate(path):
     raw = yaml.safe_load(path.read_text())
     assert raw["_target_"] == "quantlab.calib.datasets.CalibConfig"
+    if raw["source"] == "tokens":  # the token file is the user's to give
+        assert raw["path"] is None
+        raw["path"] = "ids.pt"
     cfg = instantiate(raw)
     assert isinstance(cfg, CalibConfig) and cfg.seqlen >= 64
 
