@@ -9,7 +9,6 @@ the file's own SHA-256 and its shape, so a peer tool's run on the same file can 
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,9 @@ import torch
 
 from quantlab.errors import ConfigError, DataError
 from quantlab.types import CalibData, tokens_sha256
+from quantlab.utils.hashing import file_sha256
 
 SUFFIXES = (".pt", ".pth", ".npy")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_token_file(path: str | Path) -> torch.Tensor:

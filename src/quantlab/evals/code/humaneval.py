@@ -10,7 +10,6 @@ program is guarded by a completion token (:mod:`quantlab.execution.sentinel`).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,6 +21,7 @@ from quantlab.evals.base import register_evaluator
 from quantlab.evals.code.problem import Verdict, cap_error, iter_rows
 from quantlab.evals.code.runner import CodeEval
 from quantlab.execution import Program, ProgramResult, get_toolchain
+from quantlab.utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,6 @@ def load_humaneval(path: str | Path | None = None, key: str = "eval.humaneval.pa
     if not problems:
         raise DataError(f"{p}: no problems")
     return problems
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @register_evaluator("humaneval")
