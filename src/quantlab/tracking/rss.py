@@ -13,7 +13,6 @@ from __future__ import annotations
 import resource
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +98,3 @@ class RssSampler:
         out.update(n_samples=self.n_samples, interval_s=self.interval)
         return out
 
-
-def timed_peak(fn: Any, interval: float = 0.01) -> tuple[Any, float, dict[str, Any]]:
-    """``(fn(), seconds, RssSampler summary)``."""
-    t0 = time.perf_counter()
-    with RssSampler(interval) as s:
-        value = fn()
-    return value, time.perf_counter() - t0, s.summary()
