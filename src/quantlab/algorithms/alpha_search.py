@@ -50,7 +50,8 @@ the first N sequences; with variable-length data, e.g. one HumanEval prompt per 
 sequences' rows of the engine's equal-length chunks, see
 :func:`~quantlab.calib.sequential.first_sequences`, so row r of a search chunk is row r of the
 matching fp chunk and the loss pairs every token with its own fp reference). ``alpha_batch`` bounds
-the candidate streams per wave; later waves reuse the statistics and the fp reference and only
+the candidate streams per wave (null: as many as fit :func:`~quantlab.calib.budget.streams_that_fit`,
+one for SmolLM2-135M with 32 x 256 tokens); later waves reuse the statistics and the fp reference and only
 repeat the block moves. A candidate whose activations become non-finite is dropped with loss ``inf``
 instead of stopping the search.
 
@@ -72,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlab.algorithms.smoothing import fold_group_scales, smoothquant_scales, weight_absmax_per_input
+from quantlab.calib.budget import streams_that_fit
 from quantlab.calib.sequential import (
     BlockContext,
     BlockData,
@@ -79,14 +81,15 @@ from quantlab.calib.sequential import (
     capture_block_inputs,
     describe_chunks,
     first_sequences,
+    model_plan,
     on_device,
-    plan_chunks,
 )
 from quantlab.calib.stats import group_key, reduce_absmax
 from quantlab.errors import DataError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, relative_names
+from quantlab.utils.memory import bounded_heap, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +290,7 @@ def search_alpha(
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    plan = plan_chunks(tokens, batch_size)
+    plan = model_plan(model, tokens, batch_size)
     n = sum(c.index.numel() for c in plan)
     n_s = min(search_samples or n, n)
     sub = plan if n_s == n else first_sequences(plan, n_s)
@@ -295,21 +298,23 @@ def search_alpha(
     fp = capture_block_inputs(model, mapping, None, device=device, chunks=plan)
     start = fp if n_s == n else capture_block_inputs(model, mapping, None, device=device, chunks=sub)
     cands: list[float | None] = [*alphas, *([None] if rtn_baseline else [])]
-    wave = alpha_batch or len(cands)
+    stream_bytes = sum(h.numel() * h.element_size() for h in start.hidden)
+    wave = alpha_batch or min(len(cands), streams_that_fit(model, stream_bytes))  # null: the memory budget
     stats: dict[str, torch.Tensor] = {}
     losses: dict[int, tuple[float, float]] = {}  # candidate -> (loss, hidden_mse)
     ref: list[torch.Tensor] | None = None
     log.info("smoothquant+ search: %d candidates (%d per wave), loss %s on %s, stats on %d samples",
              len(cands), wave, loss, describe_chunks(sub), n)
     try:
-        for w0 in range(0, len(cands), wave):
-            idx = list(range(w0, min(w0 + wave, len(cands))))
-            streams: dict[int, list[torch.Tensor] | None] = {j: list(start.hidden) for j in idx}
-            fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
-            if ref is None:
-                ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
-                fp = None  # the fp stream is only needed once
-            losses.update(_losses(model, mapping, loss, streams, ref, device))
+        with bounded_heap():  # transients leave the heap at once (quantlab.utils.memory)
+            for w0 in range(0, len(cands), wave):
+                idx = list(range(w0, min(w0 + wave, len(cands))))
+                streams: dict[int, list[torch.Tensor] | None] = {j: list(start.hidden) for j in idx}
+                fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
+                if ref is None:
+                    ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
+                    fp = None  # the fp stream is only needed once
+                losses.update(_losses(model, mapping, loss, streams, ref, device))
     finally:
         model.train(was_training)
     n_tok = start.n_tokens
@@ -345,6 +350,7 @@ def _pass(model: nn.Module, mapping: ArchMapping, groups_fn: GroupsFn, targets: 
                         streams[j] = None
             finally:
                 bs.restore_all()
+        release_freed_memory()
         log.info("smoothquant+ search: block %d/%d done (%d candidates, %.1fs)", i + 1, len(blocks),
                  sum(v is not None for v in streams.values()), time.perf_counter() - t0)
     return fp

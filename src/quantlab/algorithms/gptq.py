@@ -16,7 +16,6 @@ and GPTQ computes all rows of ``H^-1`` it needs at once as the upper Cholesky fa
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from dataclasses import dataclass
 
@@ -56,6 +55,11 @@ class HessianAccumulator:
         if self._H is None:
             raise RuntimeError("HessianAccumulator: no inputs were added")
         return self._H
+
+    def take(self) -> torch.Tensor:
+        """The Hessian, handed over (the accumulator forgets it; see ``gptq_quantize_weight(consume_h=True)``)."""
+        H, self._H = self.H, None
+        return H
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs of shape (batch, seq, in), or (tokens, in) which counts as one sequence."""
@@ -190,12 +194,14 @@ def gptq_quantize_weight(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    consume_h: bool = False,
 ) -> GPTQLayerResult:
     """GPTQ for one weight matrix: paper Algorithm 1, step by step as the reference ``fasterquant``.
 
     Args:
         W: weight (out, in); not modified. Math runs in float32 (float64 stays float64).
-        H: Hessian (in, in), e.g. :class:`HessianAccumulator` ``.H``; not modified.
+        H: Hessian (in, in), e.g. :class:`HessianAccumulator` ``.H``; not modified, unless ``consume_h``
+            (the caller hands it over, e.g. :meth:`HessianAccumulator.take`: no copy is made).
         fmt: integer format (bits, group size, symmetry, zero convention).
         damp: relative dampening, ``lambda = damp * mean(diag H)`` (reference ``percdamp``).
         damp_increment / max_damp: automatic escalation when the Cholesky factorisation fails.
@@ -209,7 +215,7 @@ def gptq_quantize_weight(
     g = _check_args(W, H, fmt, block_size)
     dt = _compute_dtype(W.dtype)
     W = W.detach().to(dtype=dt, copy=True)
-    H = H.detach().to(device=W.device, dtype=dt, copy=True)
+    H = H.detach().to(device=W.device, dtype=dt, copy=not consume_h)
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian has NaN/inf entries (non-finite or overflowing calibration inputs)")
     n_out, n_in = W.shape
@@ -227,7 +233,8 @@ def gptq_quantize_weight(
     perm = None
     if act_order:  # columns by decreasing diag(H), applied before damping
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm]
+        H = H[:, perm]  # two steps: one fewer (in, in) temporary
     U, damp_used = inverse_hessian_factor(H, damp, damp_increment, max_damp)  # damps H in place
     del H
 

@@ -17,11 +17,12 @@ instead of writing its own loop (the GPTQ reference copies a ``Catcher`` + loop 
    computes them *before*, from the untouched block.
 
 Chunks (:func:`plan_chunks`): fixed-length data, an (n, seqlen) tensor, is cut into consecutive
-batches of ``batch_size`` rows (default: as many as fit in 16384 tokens). Variable-length data, a
+batches of ``batch_size`` rows (default: as many as fit the model's activation budget,
+:func:`quantlab.calib.budget.chunk_tokens`). Variable-length data, a
 sequence of 1-D tensors (``calib.sampling=documents``: every document its own sequence, as
 SmoothQuant+ feeds each HumanEval prompt on its own), is grouped by length and every chunk holds
 sequences of ONE length (longest lengths first, source order inside a length, at most ``batch_size``
-sequences or the 16384-token budget per chunk; a single longer sequence is a chunk of its own). No
+sequences or the token budget per chunk; a single longer sequence is a chunk of its own). No
 padding exists, so every statistic (Hessians, max |x|, sums, losses) sees exactly the real tokens,
 with no attention mask to honour and no position to exclude; a chunk is an ordinary unpadded batch,
 so the model's causal attention never crosses sequences and its rotary embeddings / masks are those
@@ -29,7 +30,8 @@ of that length. The price is more, smaller forwards when lengths are all distinc
 to 142 distinct lengths for 164 prompts), which is cheap next to padding bookkeeping in every method.
 :attr:`BlockData.index` records which calibration sequences each chunk holds.
 
-Memory is bounded by one block plus the calibration activations (one hidden state per token).
+Memory is bounded by one block, the calibration activations (one hidden state per token, inputs and
+outputs) and one chunk's transient activations (the budget).
 Non-finite activations stop the run with a :class:`~quantlab.errors.DataError` naming the block.
 """
 from __future__ import annotations
@@ -43,13 +45,13 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from quantlab.calib.budget import MAX_CHUNK_TOKENS, chunk_tokens
 from quantlab.errors import DataError
 from quantlab.models.mappings import ArchMapping
 from quantlab.models.offload import execution_device, is_offloaded, materialized
+from quantlab.utils.memory import bounded_heap, release_freed_memory
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BATCH_TOKENS = 16384  # tokens per forward chunk when batch_size is automatic
 
 # fn(name, x, kwargs, chunk): x is the module's (first) input, kwargs its keyword arguments
 InputFn = Callable[[str, torch.Tensor, dict[str, Any], int], None]
@@ -61,11 +63,12 @@ class _StopForward(Exception):
     """Raised inside a hook to end a forward early (everything needed was captured)."""
 
 
-def auto_batch_size(n_samples: int, seqlen: int, batch_size: int | None = None) -> int:
-    """Samples per forward chunk: ``batch_size`` if given, else as many as fit in 16384 tokens."""
+def auto_batch_size(n_samples: int, seqlen: int, batch_size: int | None = None,
+                    max_tokens: int = MAX_CHUNK_TOKENS) -> int:
+    """Samples per forward chunk: ``batch_size`` if given, else as many as fit in ``max_tokens``."""
     if batch_size is not None and batch_size > 0:
         return min(batch_size, max(n_samples, 1))
-    return max(1, min(n_samples, DEFAULT_BATCH_TOKENS // max(seqlen, 1)))
+    return max(1, min(n_samples, max_tokens // max(seqlen, 1)))
 
 
 @dataclass(frozen=True)
@@ -81,10 +84,11 @@ class Chunk:
     tokens: torch.Tensor
 
 
-def plan_chunks(tokens: Tokens, batch_size: int | None = None) -> list[Chunk]:
+def plan_chunks(tokens: Tokens, batch_size: int | None = None, max_tokens: int = MAX_CHUNK_TOKENS) -> list[Chunk]:
     """Cut calibration tokens into forward chunks (deterministic; see the module docstring).
 
-    A (n, seqlen) tensor gives ``tokens.split(bs)`` with ``bs = auto_batch_size(n, seqlen, batch_size)``.
+    A (n, seqlen) tensor gives ``tokens.split(bs)`` with ``bs = auto_batch_size(n, seqlen, batch_size,
+    max_tokens)``.
     A sequence of 1-D tensors is grouped by length, longest first; each group (source order) is split
     the same way with its own length, so sequences that all have one length give exactly the tensor's
     chunks.
@@ -93,7 +97,7 @@ def plan_chunks(tokens: Tokens, batch_size: int | None = None) -> list[Chunk]:
         if tokens.dim() != 2:
             raise ValueError(f"calibration tokens must be (n, seqlen), got shape {tuple(tokens.shape)}")
         n, t = tokens.shape
-        bs = auto_batch_size(n, t, batch_size)
+        bs = auto_batch_size(n, t, batch_size, max_tokens)
         return [Chunk(i, x) for i, x in zip(torch.arange(n).split(bs), tokens.split(bs))]
     seqs = list(tokens)
     by_len: dict[int, list[int]] = {}
@@ -104,11 +108,20 @@ def plan_chunks(tokens: Tokens, batch_size: int | None = None) -> list[Chunk]:
     chunks = []
     for length in sorted(by_len, reverse=True):
         idx = by_len[length]
-        bs = auto_batch_size(len(idx), length, batch_size)
+        bs = auto_batch_size(len(idx), length, batch_size, max_tokens)
         for j in range(0, len(idx), bs):
             part = idx[j : j + bs]
             chunks.append(Chunk(torch.tensor(part, dtype=torch.int64), torch.stack([seqs[i] for i in part])))
     return chunks
+
+
+def model_plan(model: nn.Module, tokens: Tokens, batch_size: int | None = None) -> list[Chunk]:
+    """:func:`plan_chunks` with the model's activation budget (:func:`~quantlab.calib.budget.chunk_tokens`
+    at the longest sequence length) when ``batch_size`` is automatic."""
+    if batch_size is not None and batch_size > 0:
+        return plan_chunks(tokens, batch_size)
+    longest = tokens.shape[-1] if isinstance(tokens, torch.Tensor) else max((len(t) for t in tokens), default=1)
+    return plan_chunks(tokens, None, chunk_tokens(model, int(longest)))
 
 
 def first_sequences(chunks: Sequence[Chunk], n: int) -> list[Chunk]:
@@ -230,10 +243,10 @@ def capture_block_inputs(
     Args:
         tokens: (n, seqlen) tensor or sequence of 1-D tensors, cut by :func:`plan_chunks`
             (ignored when ``chunks`` is given).
-        batch_size: sequences per chunk (None: the 16384-token budget).
+        batch_size: sequences per chunk (None: the model's activation budget).
         chunks: a ready plan (e.g. :func:`first_sequences` of another).
     """
-    plan = list(chunks) if chunks is not None else plan_chunks(tokens, batch_size)
+    plan = list(chunks) if chunks is not None else model_plan(model, tokens, batch_size)
     first = mapping.blocks(model)[0]
     data = BlockData(hidden=[], index=[c.index for c in plan])
 
@@ -362,6 +375,7 @@ def run_sequential(
     propagate: str = "quantized",
     desc: str = "calibrate",
     writeback: bool = True,
+    returns_outputs: bool = False,
 ) -> None:
     """Call ``fn`` on every decoder block in order, feeding each block's outputs to the next.
 
@@ -373,31 +387,39 @@ def run_sequential(
         fn: per-block callback; may change the block's weights in place, and may return the block's
             outputs for every chunk (with its final weights) to save a forward pass.
         device: compute device; each block is moved there for its turn and moved back afterwards.
-        batch_size: sequences per forward chunk (None: as many as fit in 16384 tokens).
+        batch_size: sequences per forward chunk (None: as many as fit the model's activation budget).
         propagate: ``quantized`` = next inputs come from the block after ``fn`` (errors propagate);
             ``fp`` = from the block before ``fn``.
         writeback: ``fn`` may change the blocks (an offloaded model gets them written back); False for
             statistics-only passes.
+        returns_outputs: ``fn`` always returns the outputs ``propagate`` asks for; with ``propagate="fp"``
+            they are the block's outputs BEFORE ``fn`` changed it (e.g. from a statistics pass it made
+            anyway), which saves the engine's own fp forward.
     """
     if propagate not in ("quantized", "fp"):
         raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
     was_training = model.training
     model.eval()
-    plan = plan_chunks(tokens, batch_size)
+    plan = model_plan(model, tokens, batch_size)
     data = capture_block_inputs(model, mapping, None, device=device, chunks=plan)
     blocks = mapping.blocks(model)
     log.info("%s: %d blocks, %s on %s", desc, len(blocks), describe_chunks(plan), device)
     try:
-        for i, block in enumerate(blocks):
-            dev = execution_device(block, device)  # a block sharded onto another GPU is computed there
-            if data.hidden and data.hidden[0].device != dev:
-                data = BlockData([h.to(dev) for h in data.hidden], [_to(kw, dev) for kw in data.kwargs], data.index)
-            with on_device([block], dev, writeback=writeback):
-                ctx = BlockContext(i, mapping.block_name(i), block, data, mapping, dev)
-                fp_out = ctx.forward() if propagate == "fp" else None
-                ret = fn(ctx)
-                outs = fp_out if fp_out is not None else (ret if ret is not None else ctx.forward())
-            data = BlockData(hidden=outs, kwargs=data.kwargs, index=data.index)
-            log.debug("%s: block %d/%d done", desc, i + 1, len(blocks))
+        with bounded_heap():  # the large transients of a block forward never settle in the heap
+            for i, block in enumerate(blocks):
+                dev = execution_device(block, device)  # a block sharded onto another GPU is computed there
+                if data.hidden and data.hidden[0].device != dev:
+                    data = BlockData([h.to(dev) for h in data.hidden], [_to(kw, dev) for kw in data.kwargs], data.index)
+                with on_device([block], dev, writeback=writeback):
+                    ctx = BlockContext(i, mapping.block_name(i), block, data, mapping, dev)
+                    fp_out = ctx.forward() if propagate == "fp" and not returns_outputs else None
+                    ret = fn(ctx)
+                    if returns_outputs and ret is None:
+                        raise RuntimeError(f"{desc}: the block callback returned no outputs for {ctx.name}")
+                    outs = fp_out if fp_out is not None else (ret if ret is not None else ctx.forward())
+                data = BlockData(hidden=outs, kwargs=data.kwargs, index=data.index)
+                del ctx, fp_out, ret, outs
+                release_freed_memory()  # the block's transients, back to the OS (utils.memory)
+                log.debug("%s: block %d/%d done", desc, i + 1, len(blocks))
     finally:
         model.train(was_training)

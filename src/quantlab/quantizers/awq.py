@@ -209,7 +209,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                               "codes": {} if ctx.keep_codes else None}
         t0 = time.perf_counter()
         run_sequential(model, mapping, calib.tokens, lambda b: self._block(b, targets, keep, st), device=ctx.device,
-                       batch_size=cfg.batch_size, propagate="fp", desc="awq")
+                       batch_size=cfg.batch_size, propagate="fp", desc="awq", returns_outputs=True)
         rows = st["rows"]
         summary = {
             "n_layers": len(targets), "groups_searched": len(rows),
@@ -239,12 +239,14 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                 skipped[g.key] = "some of its Linears are not selected by include/exclude"
         return out, skipped
 
-    def _block(self, b: BlockContext, targets: set[str], keep: torch.Tensor | None, st: dict[str, Any]) -> None:
+    def _block(self, b: BlockContext, targets: set[str], keep: torch.Tensor | None, st: dict[str, Any]
+               ) -> list[torch.Tensor]:
+        """Search, clip and round one block; returns its fp outputs (from the capture pass, before any change)."""
         cfg = self.config
         groups, skipped = self._groups(b.block, b.mapping, b.name, targets)
         st["skipped"].update(skipped)
         rel_t = relative_names(sorted(targets), b.name)
-        cache = self._capture(b, groups, rel_t, keep)
+        cache, fp_out = self._capture(b, groups, rel_t, keep)
         for i, g in enumerate(groups):
             s, row = self._search_group(b, g, cache)
             fold_scales(b.block, g, s)
@@ -268,10 +270,12 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             st["arts"][f"awq.clip.{b.full_name(rel)}"] = m.cpu()
             st["clipped"] += 1
         rtn_linears_(b.block, rel_t, cfg.format, st["codes"], prefix=f"{b.name}.")
+        return fp_out
 
     def _capture(self, b: BlockContext, groups: list[ScaleGroup], rel_t: list[str], keep: torch.Tensor | None
-                 ) -> _BlockCache:
-        """The single collect pass (early_exit=False: the down_proj input is the last thing computed)."""
+                 ) -> tuple[_BlockCache, list[torch.Tensor]]:
+        """The single collect pass (early_exit=False: the down_proj input is the last thing computed); it
+        runs the untouched block, so its outputs are the fp outputs the next block gets (``propagate="fp"``)."""
         cfg = self.config
         gram = {g.inspect for g in groups if g.linears == (g.inspect,) and isinstance(b.module(g.inspect), nn.Linear)}
         clip = set(_clip_sources(b.mapping, rel_t, cfg.clip).values())
@@ -279,9 +283,8 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                             gram=gram, clip=clip, step=A.sample_stride(b.inputs.n_tokens, cfg.clip_tokens), keep=keep)
         cache.offsets(b.inputs)
         names = sorted(cache.stat_names | cache.direct | cache.gram | cache.clip)
-        if names:
-            b.collect(names, cache, early_exit=False)
-        return cache
+        outs = b.collect(names, cache, early_exit=False)  # early_exit=False: never None
+        return cache, outs if outs is not None else []
 
     def _search_group(self, b: BlockContext, g: ScaleGroup, cache: _BlockCache) -> tuple[torch.Tensor, dict[str, Any]]:
         """Eq. 5's grid search for one group: ``(best s, table row)``."""

@@ -33,6 +33,8 @@ from quantlab.algorithms.gptq import (
     dequantize_gidx,
     gptq_quantize_weight,
 )
+from quantlab.calib.budget import model_bytes
+from quantlab.calib.lockstep import lockstep_forward
 from quantlab.calib.sequential import BlockContext, run_sequential
 from quantlab.errors import ConfigError
 from quantlab.formats.codes import QuantizedWeight, from_format
@@ -129,18 +131,15 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         rows: list[dict[str, Any]] = []
         # every weight's code is kept: spilled to part files as blocks finish (a quarter of an fp32 model)
         parent = ctx.output_dir if Path(ctx.output_dir).is_dir() else None
-        arts = artifacts.SpilledTensors(parent)
+        # held in memory up to 1/64 of the model's bytes (at most 64 MiB) between writes
+        arts = artifacts.SpilledTensors(parent, flush_bytes=min(64 * 2**20, model_bytes(model) // 64))
         t0 = time.perf_counter()
 
         def per_block(bctx: BlockContext) -> list[torch.Tensor] | None:
             subsets = _block_subsets(mapping, bctx.name, targets)
             outs = None
-            if self.config.true_sequential and len(bctx.inputs.hidden) == 1:
-                outs = self._one_pass(bctx, subsets, rows, arts)  # the calibration set is one chunk
-            elif self.config.true_sequential:
-                for names in subsets:  # later subsets see the earlier ones quantized
-                    accs = self._hessians(bctx, [names[0]])
-                    self._quantize_subset(bctx, names, accs.pop(names[0]), rows, arts)
+            if self.config.true_sequential:  # later subsets see the earlier ones quantized, one forward
+                outs = self._one_pass(bctx, subsets, rows, arts)
             else:  # every Hessian from the unquantized block, in one pass
                 accs = self._hessians(bctx, [names[0] for names in subsets])
                 for names in subsets:
@@ -166,35 +165,29 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
                 for n in layers}
 
     def _one_pass(self, bctx: BlockContext, subsets: list[list[str]], rows: list, arts: dict) -> list[torch.Tensor]:
-        """True-sequential GPTQ inside ONE forward when the whole calibration set is a single chunk.
+        """True-sequential GPTQ in ONE forward per calibration chunk (:func:`~quantlab.calib.lockstep.lockstep_forward`).
 
-        A pre-hook on every Linear of a subset fires at the subset's first call: it builds the Hessian
-        from that input (all calibration tokens), quantizes the subset, and the forward continues with
-        the quantized weights. Each later subset therefore sees the earlier ones quantized, exactly as
-        in the multi-pass schedule, and the forward's result is the quantized block's output (the next
-        block's input), which saves the ~2.5 block forwards of the early-exit passes.
+        Every chunk pauses at the first Linear of each subset; its input is added to that subset's
+        Hessian, and once all chunks are there the subset is quantized and the forwards go on with
+        the quantized weights. Each later subset therefore sees the earlier ones quantized, exactly
+        as in the multi-pass schedule (one early-exit pass per subset), and the forwards' results are
+        the quantized block's outputs (the next block's inputs), which saves the ~2.5 block forwards
+        of the early-exit passes.
         """
-        owner = {n: i for i, sub in enumerate(subsets) for n in sub}
-        done: set[int] = set()
+        first = {names[0]: names for names in subsets}
+        accs: dict[str, HessianAccumulator] = {}
 
-        def make(rel: str):
-            def pre(_mod: nn.Module, args: tuple) -> None:
-                i = owner[rel]
-                if i not in done:
-                    acc = HessianAccumulator(args[0].shape[-1])
-                    acc.add(args[0])
-                    self._quantize_subset(bctx, subsets[i], acc, rows, arts)
-                    done.add(i)
-            return pre
+        def on_input(name: str, x: torch.Tensor, _kw: dict, _chunk: int) -> None:
+            accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
 
-        handles = [bctx.module(n).register_forward_pre_hook(make(n)) for n in owner]
-        try:
-            outs = bctx.forward()
-        finally:
-            for h in handles:
-                h.remove()
+        def on_barrier(name: str) -> None:
+            self._quantize_subset(bctx, first[name], accs.pop(name), rows, arts)
+            done.add(name)
+
+        done: set[str] = set()
+        outs = lockstep_forward(bctx, subsets, on_input, on_barrier)  # a subset pauses at whichever Linear runs first
         if len(done) != len(subsets):
-            raise RuntimeError(f"{bctx.name}: subsets {[subsets[i] for i in range(len(subsets)) if i not in done]} never ran")
+            raise RuntimeError(f"{bctx.name}: subsets {[n for n in first if n not in done]} never ran")
         return outs
 
     @staticmethod
@@ -214,15 +207,15 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         stacked into one matrix and quantized in one column loop, then split: the same algorithm with
         one loop instead of one per Linear.
         """
-        cfg, H = self.config, acc.H  # the caller holds no other reference: freed on return
+        cfg = self.config
         mods = [bctx.module(rel) for rel in names]
         t = time.perf_counter()
         try:
             res = gptq_quantize_weight(
-                torch.cat([m.weight.data for m in mods], dim=0), H, cfg.format, damp=cfg.damp,
+                torch.cat([m.weight.data for m in mods], dim=0), acc.take(), cfg.format, damp=cfg.damp,
                 damp_increment=cfg.damp_increment, max_damp=cfg.max_damp, block_size=cfg.block_size,
-                act_order=cfg.act_order, static_groups=cfg.static_groups,
-            )
+                act_order=cfg.act_order, static_groups=cfg.static_groups, consume_h=True,
+            )  # the Hessian is handed over: no copy of it is made
         except HessianNotPositiveDefinite as exc:
             raise ConfigError("quantizer.max_damp", f"{bctx.full_name(names[0])} (+ {len(names) - 1} sharing its input): {exc}") from None
         r0 = 0

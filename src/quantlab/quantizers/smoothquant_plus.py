@@ -96,7 +96,8 @@ class SmoothQuantPlusConfig(CalibratedConfig):
         search_samples: evaluate the search loss on the first N calibration sequences (statistics still
             use all of them); None = all (the paper). A speed option, recorded in the summary.
         rtn_baseline: also measure plain RTN's loss during the search (one more stream, ~1/21 of it).
-        alpha_batch: candidate streams advanced together (None = all; bounds the search's memory).
+        alpha_batch: candidate streams advanced together (None = as many as the memory budget allows,
+            :func:`~quantlab.calib.budget.streams_that_fit`; same search, bounded memory).
     """
 
     format: QuantFormat = field(default_factory=_w4g128)
