@@ -89,7 +89,7 @@ from quantlab.errors import DataError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, relative_names
-from quantlab.utils.memory import bounded_heap, release_freed_memory
+from quantlab.utils.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -306,15 +306,15 @@ def search_alpha(
     log.info("smoothquant+ search: %d candidates (%d per wave), loss %s on %s, stats on %d samples",
              len(cands), wave, loss, describe_chunks(sub), n)
     try:
-        with bounded_heap():  # transients leave the heap at once (quantlab.utils.memory)
-            for w0 in range(0, len(cands), wave):
-                idx = list(range(w0, min(w0 + wave, len(cands))))
-                streams: dict[int, list[torch.Tensor] | None] = {j: list(start.hidden) for j in idx}
-                fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
-                if ref is None:
-                    ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
-                    fp = None  # the fp stream is only needed once
-                losses.update(_losses(model, mapping, loss, streams, ref, device))
+        # no bounded_heap here: the 22 candidate passes would page-fault every transient (utils.memory)
+        for w0 in range(0, len(cands), wave):
+            idx = list(range(w0, min(w0 + wave, len(cands))))
+            streams: dict[int, list[torch.Tensor] | None] = {j: list(start.hidden) for j in idx}
+            fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
+            if ref is None:
+                ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
+                fp = None  # the fp stream is only needed once
+            losses.update(_losses(model, mapping, loss, streams, ref, device))
     finally:
         model.train(was_training)
     n_tok = start.n_tokens

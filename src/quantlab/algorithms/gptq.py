@@ -195,11 +195,13 @@ def gptq_quantize_weight(
     act_order: bool = False,
     static_groups: bool = False,
     consume_h: bool = False,
+    consume_w: bool = False,
 ) -> GPTQLayerResult:
     """GPTQ for one weight matrix: paper Algorithm 1, step by step as the reference ``fasterquant``.
 
     Args:
-        W: weight (out, in); not modified. Math runs in float32 (float64 stays float64).
+        W: weight (out, in); not modified (unless ``consume_w``: the caller's own copy, e.g. the stacked
+            weights of a subset, is then worked on in place). Math runs in float32 (float64 stays float64).
         H: Hessian (in, in), e.g. :class:`HessianAccumulator` ``.H``; not modified, unless ``consume_h``
             (the caller hands it over, e.g. :meth:`HessianAccumulator.take`: no copy is made).
         fmt: integer format (bits, group size, symmetry, zero convention).
@@ -214,7 +216,7 @@ def gptq_quantize_weight(
     """
     g = _check_args(W, H, fmt, block_size)
     dt = _compute_dtype(W.dtype)
-    W = W.detach().to(dtype=dt, copy=True)
+    W = W.detach().to(dtype=dt, copy=not consume_w)
     H = H.detach().to(device=W.device, dtype=dt, copy=not consume_h)
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian has NaN/inf entries (non-finite or overflowing calibration inputs)")

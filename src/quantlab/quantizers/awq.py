@@ -209,7 +209,8 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                               "codes": {} if ctx.keep_codes else None}
         t0 = time.perf_counter()
         run_sequential(model, mapping, calib.tokens, lambda b: self._block(b, targets, keep, st), device=ctx.device,
-                       batch_size=cfg.batch_size, propagate="fp", desc="awq", returns_outputs=True)
+                       batch_size=cfg.batch_size, propagate="fp", desc="awq", returns_outputs=True,
+                       bound_heap=False)  # the scale search's many forwards would page-fault
         rows = st["rows"]
         summary = {
             "n_layers": len(targets), "groups_searched": len(rows),

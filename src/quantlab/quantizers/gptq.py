@@ -131,8 +131,8 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         rows: list[dict[str, Any]] = []
         # every weight's code is kept: spilled to part files as blocks finish (a quarter of an fp32 model)
         parent = ctx.output_dir if Path(ctx.output_dir).is_dir() else None
-        # held in memory up to 1/64 of the model's bytes (at most 64 MiB) between writes
-        arts = artifacts.SpilledTensors(parent, flush_bytes=min(64 * 2**20, model_bytes(model) // 64))
+        # held in memory up to 1/128 of the model's bytes (1 to 64 MiB) between writes
+        arts = artifacts.SpilledTensors(parent, flush_bytes=min(64 * 2**20, max(2**20, model_bytes(model) // 128)))
         t0 = time.perf_counter()
 
         def per_block(bctx: BlockContext) -> list[torch.Tensor] | None:
@@ -214,8 +214,8 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             res = gptq_quantize_weight(
                 torch.cat([m.weight.data for m in mods], dim=0), acc.take(), cfg.format, damp=cfg.damp,
                 damp_increment=cfg.damp_increment, max_damp=cfg.max_damp, block_size=cfg.block_size,
-                act_order=cfg.act_order, static_groups=cfg.static_groups, consume_h=True,
-            )  # the Hessian is handed over: no copy of it is made
+                act_order=cfg.act_order, static_groups=cfg.static_groups, consume_h=True, consume_w=True,
+            )  # the Hessian and the stacked weights are handed over: no copies are made
         except HessianNotPositiveDefinite as exc:
             raise ConfigError("quantizer.max_damp", f"{bctx.full_name(names[0])} (+ {len(names) - 1} sharing its input): {exc}") from None
         r0 = 0
