@@ -167,7 +167,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
     def _one_pass(self, bctx: BlockContext, subsets: list[list[str]], rows: list, arts: dict) -> list[torch.Tensor]:
         """True-sequential GPTQ in ONE forward per calibration chunk (:func:`~quantlab.calib.lockstep.lockstep_forward`).
 
-        Every chunk pauses at the first Linear of each subset; its input is added to that subset's
+        Every chunk pauses at whichever Linear of a subset it calls first; its input is added to the subset's
         Hessian, and once all chunks are there the subset is quantized and the forwards go on with
         the quantized weights. Each later subset therefore sees the earlier ones quantized, exactly
         as in the multi-pass schedule (one early-exit pass per subset), and the forwards' results are
