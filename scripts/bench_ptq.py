@@ -47,7 +47,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fp": ("none", {}),
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
-    "gptq-actorder": ("gptq", {"act_order": True, "static_groups": True}),  # llm-compressor's actorder="static"
+    "gptq-actorder": ("gptq", {"act_order": True, "static_groups": True}),
+    "gptq-onechunk": ("gptq", {"batch_size": 32}),  # the whole 32 x 256 set in one forward (no memory budget)  # llm-compressor's actorder="static"
     "awq": ("awq", {}),
     "awq-fast": ("awq", {"search_tokens": 2048}),
     "smoothquant": ("smoothquant", {}),

@@ -3,9 +3,8 @@
 PyTorch's CPU allocator takes tensors from the C library's ``malloc``. glibc keeps freed blocks below
 its (dynamically raised, up to 32 MiB) mmap threshold in the heap, and with long-lived small
 tensors (codes, statistics) between the transient large ones the heap cannot shrink from the top:
-quantizing SmolLM2-135M with GPTQ, block after block, grew the process by ~11 MiB per block
-(+330 MiB over 30 blocks, 0.64x the model) although nothing was alive; ``malloc_trim(0)`` gave all of
-it back. :func:`release_freed_memory` calls it between blocks (a few ms; a no-op off glibc), and
+quantizing SmolLM2-135M with GPTQ, the process grew block after block although the freed tensors were
+no longer alive, and ``malloc_trim(0)`` gave that memory back. :func:`release_freed_memory` calls it between blocks (a few ms; a no-op off glibc), and
 :func:`bounded_heap` keeps the large transient tensors of a block out of the heap while calibrating.
 Neither changes a computed value.
 """
@@ -51,8 +50,8 @@ def bounded_heap() -> Iterator[None]:
 
     glibc's default raises the mmap threshold each time a mapped block is freed (up to 32 MiB), after
     which the transient activations of a block forward live in the heap, fragment it and keep the
-    RSS at its high-water mark: GPTQ on SmolLM2-135M (32 x 256 tokens) peaked at +321 MiB over the
-    model with ~120 MiB of live tensors, +172 MiB with this. On leaving, both thresholds are set to
+    RSS at its high-water mark: GPTQ on SmolLM2-135M (32 x 256 tokens, ``scripts/bench_ptq.py --methods
+    gptq``) needs 1.53x the model's bytes without this, 1.31x with it (55.1 s vs 60.6 s). On leaving, both thresholds are set to
     glibc's initial 128 KiB (the dynamic adjustment stays off: mallopt cannot turn it back on).
     ``QUANTLAB_HEAP_TUNING=0`` leaves the allocator alone; a no-op off glibc.
     """
