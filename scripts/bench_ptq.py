@@ -39,6 +39,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "scripts" / "peers"))
 
 log = logging.getLogger("bench_ptq")
 
@@ -56,13 +57,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "smoothquant_plus-fast": ("smoothquant_plus", {"search_samples": 8}),  # loss on 8 x 256 = 2048 tokens (as awq-fast)
 }
 DEFAULT_METHODS = "fp,rtn,gptq,gptq-actorder,awq,awq-fast,smoothquant,smoothquant_plus,smoothquant_plus-fast"
-
-
-def materialize(model: Any) -> None:
-    """Copy every parameter into private (anonymous) memory: the loaded weights may map the safetensors
-    file, and the copy-on-write of a mapped page the method writes would count as its allocation."""
-    for p in {id(p): p for p in model.parameters()}.values():
-        p.data = p.data.clone()
 
 
 def _format(name: str, group_size: int) -> Any:
@@ -100,6 +94,8 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     rss0 = psutil.Process().memory_info().rss
     loaded = load_model(ModelConfig(name="smollm2_135m", source="smollm2_gguf", dtype="float32", device="cpu"))
     model, tok = loaded.model, loaded.tokenizer
+    from _measure import materialize  # the peers benchmark's own: weights into private memory
+
     materialize(model)
     model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     calib = build_calib(CalibConfig(source="local", path="stdlib_calib", sampling="random_windows",
