@@ -10,6 +10,7 @@ from quantlab.calib.sequential import (
     BlockContext,
     auto_batch_size,
     capture_block_inputs,
+    check_finite,
     first_sequences,
     plan_chunks,
     run_sequential,
@@ -318,3 +319,19 @@ def test_layer_error_reads_variable_length_calibration(tmp_path):
     v = run(_seqs([9, 4, 9, 6]))
     prov = v.provenance["layer/mean_output_sqnr_db"]
     assert prov["n_rows"] == 3 and prov["n_tokens"] == 9 + 4 + 9 and prov["seqlen"] == 9
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_finds_one_bad_value(bad):
+    t = torch.zeros(2, 5, 7)
+    t[1, 3, 4] = bad
+    with pytest.raises(DataError, match="1 NaN/inf values"):
+        check_finite(t, "here")
+
+
+def test_check_finite_accepts_finite_values_whose_sum_overflows():
+    # the cheap check (a non-finite sum) sends this to the exact one, which passes it
+    t = torch.full((4,), 3e38)
+    assert not torch.isfinite(t.sum())
+    check_finite(t, "here")
+    check_finite(torch.full((3,), 60000.0, dtype=torch.float16), "here")

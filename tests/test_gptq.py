@@ -62,6 +62,21 @@ def test_hessian_accumulator_is_a_running_average_over_sequences():
     assert acc32.H.dtype == torch.float32
 
 
+def test_hessian_accumulator_blocked_update_is_the_full_symmetric_gram():
+    """Wider than one syrk block (256) and not a multiple of it: only the upper blocks are accumulated,
+    the lower ones are mirrored when H is read - H must still be the whole 2/N X^T X, exactly symmetric."""
+    x = torch.randn(3, 7, 600, dtype=F64)
+    acc = HessianAccumulator(600)
+    acc.add(x[:1])
+    acc.add(x[1:])
+    flat = x.reshape(-1, 600)
+    assert torch.allclose(acc.H, 2 / 3 * flat.T @ flat, atol=1e-12, rtol=0)
+    assert torch.equal(acc.H, acc.H.T)
+    acc.add(x[0])  # adding after a read leaves the mirrored blocks stale again, and they are refreshed
+    flat4 = torch.cat([flat, x[0]])
+    assert torch.allclose(acc.take(), 2 / 4 * flat4.T @ flat4, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("fmt", FMTS, ids=lambda f: f.short_name())
 @pytest.mark.parametrize("block_size, act_order", [(8, False), (64, False), (8, True)])
 def test_identity_hessian_equals_rtn(fmt, block_size, act_order):
