@@ -42,14 +42,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _SYRK_BLOCK = 256
 
 
-def _add_upper_gram(H: torch.Tensor, x: torch.Tensor, block: int) -> None:
-    """``H += x^T x`` on the block upper triangle of ``H`` (the blocks below it are left stale)."""
+def _add_upper_gram(H: torch.Tensor, x: torch.Tensor, block: int, beta: float, alpha: float) -> None:
+    """``H = beta H + alpha x^T x`` on the block upper triangle of ``H`` (the blocks below it are left stale)."""
     n = H.shape[0]
     if n <= block:
-        H.addmm_(x.T, x)
+        H.addmm_(x.T, x, beta=beta, alpha=alpha)
         return
     for i in range(0, n, block):
-        H[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+        H[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:], beta=beta, alpha=alpha)
 
 
 def _mirror_upper(H: torch.Tensor, block: int) -> None:
@@ -101,10 +101,11 @@ class HessianAccumulator:
             dt = _compute_dtype(x.dtype)
             self._H = torch.zeros(self.in_features, self.in_features, device=x.device, dtype=dt)
         x = x.reshape(-1, self.in_features).to(self._H.dtype)
-        self._H *= self.n / (self.n + batch)
+        # the reference's H *= n / (n + b); H += (sqrt(2 / (n + b)) x)^T (sqrt(2 / (n + b)) x), with both
+        # scalings inside the GEMM (no scaled copy of x, no separate pass over H)
+        beta = self.n / (self.n + batch)
         self.n += batch
-        x = x * (2.0 / self.n) ** 0.5
-        _add_upper_gram(self._H, x, _SYRK_BLOCK)
+        _add_upper_gram(self._H, x, _SYRK_BLOCK, beta, 2.0 / self.n)
         self._lower_stale = True
 
 
