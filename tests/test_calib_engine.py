@@ -223,6 +223,26 @@ def test_collect_without_early_exit_returns_the_block_outputs(tiny64):
     assert torch.equal(got[0], hidden[1])
 
 
+def test_released_inputs_are_gone_and_the_returned_outputs_flow_on(tiny64):
+    """A callback that returns its block's outputs may free the inputs early (AWQ after its capture
+    pass); the engine then feeds the returned outputs on, and the model's hidden states come out."""
+    last = []
+
+    def fn(ctx: BlockContext):
+        outs = ctx.collect(["mlp.down_proj"], lambda *a: None, early_exit=False)
+        ctx.release_inputs()
+        assert ctx.inputs.hidden == [] and len(ctx.inputs.kwargs) == len(outs)
+        if ctx.index == len(ctx.mapping.blocks(tiny64)) - 1:
+            last.extend(outs)
+        return outs
+
+    x = _tokens(3, 16)
+    run_sequential(tiny64, get_mapping(tiny64), x, fn, device=CPU, batch_size=2, returns_outputs=True)
+    with torch.no_grad():
+        ref = tiny64.model(x).last_hidden_state
+    assert torch.equal(tiny64.model.norm(torch.cat(last)), ref)
+
+
 # ------------------------------------------------------------------ variable-length calibration data
 def _seqs(lengths, seed=3):
     g = torch.Generator().manual_seed(seed)

@@ -227,6 +227,15 @@ class BlockContext:
     mapping: ArchMapping
     device: torch.device
 
+    def release_inputs(self) -> None:
+        """Free the block's input hidden states now instead of when the block is done.
+
+        For a callback that returns the block's outputs (``run_sequential(returns_outputs=True)``) and
+        runs nothing more over its inputs, e.g. AWQ after its capture pass: one activation stream less
+        during its search. ``inputs.hidden`` is empty afterwards (``inputs.kwargs`` stay).
+        """
+        self.inputs.hidden.clear()  # the engine's list: the tensors go with it
+
     def module(self, rel: str) -> nn.Module:
         """Submodule by name relative to the block."""
         return self.block.get_submodule(rel)

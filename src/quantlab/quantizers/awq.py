@@ -248,6 +248,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         st["skipped"].update(skipped)
         rel_t = relative_names(sorted(targets), b.name)
         cache, fp_out = self._capture(b, groups, rel_t, keep)
+        b.release_inputs()  # the search works on the cached inputs of the inspected modules
         for i, g in enumerate(groups):
             s, row = self._search_group(b, g, cache)
             fold_scales(b.block, g, s)
