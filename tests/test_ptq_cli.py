@@ -53,9 +53,10 @@ def test_artifacts_of_another_method_are_refused(tmp_path):
     # real runs is test_saved_artifacts_reapply_without_calibration
     run_dir = tmp_path / "a"
     run_dir.mkdir()
-    save_artifacts(run_dir / ARTIFACTS_FILE, {"smooth.model.layers.0.attn": torch.ones(32)}, "smoothquant_plus",
-                   {"alpha": 0.5})
-    proc = _cli([*TINY, "quantizer=awq", "hydra.mode=RUN", f"quantizer.load_artifacts={run_dir}"], tmp_path / "b")
+    save_artifacts(run_dir / ARTIFACTS_FILE, {"smooth.model.layers.0.attn": torch.ones(32)},
+                   "smoothquant_plus", {"alpha": 0.5})
+    args = [*TINY, "quantizer=awq", "hydra.mode=RUN", f"quantizer.load_artifacts={run_dir}"]
+    proc = _cli(args, tmp_path / "b")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = next(ln for ln in proc.stderr.splitlines() if "error:" in ln)
     assert "quantizer.load_artifacts" in line and "smoothquant_plus" in line

@@ -43,7 +43,7 @@ _SYRK_BLOCK = 256
 
 
 def _add_upper_gram(H: torch.Tensor, x: torch.Tensor, block: int, beta: float, alpha: float) -> None:
-    """``H = beta H + alpha x^T x`` on the block upper triangle of ``H`` (the blocks below it are left stale)."""
+    """``H = beta H + alpha x^T x`` on the block upper triangle of ``H`` (blocks below it are left stale)."""
     n = H.shape[0]
     if n <= block:
         H.addmm_(x.T, x, beta=beta, alpha=alpha)
@@ -53,8 +53,8 @@ def _add_upper_gram(H: torch.Tensor, x: torch.Tensor, block: int, beta: float, a
 
 
 def _mirror_upper(H: torch.Tensor, block: int) -> None:
-    """Copy the upper triangle onto the lower one (the blocks :func:`_add_upper_gram` left stale, and the lower
-    halves of the diagonal blocks, so that H is exactly symmetric)."""
+    """Copy the upper triangle onto the lower one (the blocks :func:`_add_upper_gram` left stale, and the
+    lower halves of the diagonal blocks, so that H is exactly symmetric)."""
     n = H.shape[0]
     for i in range(0, n, block):
         d = H[i:i + block, i:i + block]
@@ -270,8 +270,9 @@ def gptq_quantize_weight(
     perm = None
     if act_order:  # columns by decreasing diag(H), applied before damping
         perm = torch.argsort(torch.diag(H), descending=True)
-        Wt, H = W.T[perm], H.index_select(0, perm)  # the row gather of the transposed view is a contiguous copy
-        H = H.index_select(1, perm)  # two steps: one fewer (in, in) temporary (index_select: 2x faster than [:, perm])
+        Wt = W.T[perm]  # a row gather of the transposed view: one contiguous copy
+        H = H.index_select(0, perm)  # index_select: 2x faster than H[:, perm] here
+        H = H.index_select(1, perm)  # two steps: one fewer (in, in) temporary
     else:
         Wt = W.T.contiguous()
     del W
