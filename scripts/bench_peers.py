@@ -169,15 +169,20 @@ def summarize(pair: str, runs: list[dict[str, Any]], evals: dict[str, dict]) -> 
     return out
 
 
-def _ms(xs: list[float]) -> str:
+def _ms(xs: list[float], fmt: str = ".3g") -> str:
+    """Up to 3 repetitions one by one (``83.4, 72``), more as mean ± sd; one value when all are equal."""
     if not xs:
         return "–"
-    return f"{statistics.mean(xs):.3g}" + (f" ± {statistics.stdev(xs):.2g}" if len(xs) > 1 else "")
+    if len(set(xs)) == 1:
+        return f"{xs[0]:{fmt}}"
+    if len(xs) <= 3:
+        return ", ".join(f"{x:{fmt}}" for x in xs)
+    return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):.2g}"
 
 
 def table(summary: dict[str, Any]) -> str:
     """The markdown table of a summary (``--table-from`` prints it again)."""
-    head = ("| pair | tool | quant time s (mean ± sd) | peak RSS GiB | RSS increase GiB | ppl | "
+    head = ("| pair | tool | quant time s (per rep) | peak RSS GiB | RSS increase GiB | ppl | "
             "ours/peer time | ours/peer peak RSS | Δppl ours−peer [95% CI] |")
     lines = [head, "|" + "---|" * 9]
     for s in summary["pairs"]:
@@ -193,8 +198,9 @@ def table(summary: dict[str, Any]) -> str:
                 d = s.get("ppl_diff")
                 ratio = (f" {_ms(s['time_ratio'])} | {_ms(s['peak_rss_ratio'])} | "
                          + (f"{d['observed']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "–") + " |")
-            lines.append(f"| {s['pair']} | {tool}{fail} | {_ms(a['quant_s'])} | {_ms(a['peak_rss_gib'])} | "
-                         f"{_ms(a['rss_increase_gib'])} | {_ms(a['ppl'])} |" + (ratio or " | | |"))
+            cells = [_ms(a["quant_s"], ".1f"), _ms(a["peak_rss_gib"], ".3f"), _ms(a["rss_increase_gib"], ".3f"),
+                     _ms(a["ppl"], ".4f")]
+            lines.append(f"| {s['pair']} | {tool}{fail} | " + " | ".join(cells) + " |" + (ratio or " | | |"))
     lines.append(f"\nfp (dequantized Q4_1) ppl: {summary['fp_ppl']:.4f}; {summary['provenance']}")
     for pair, t in TARGETS.items():
         s = next((x for x in summary["pairs"] if x["pair"] == pair and "time_ratio" in x), None)
