@@ -124,9 +124,11 @@ def check_finite(t: torch.Tensor, where: str) -> None:
 
     A NaN or inf anywhere makes the sum non-finite, so one reduction clears the common case (measured
     here on a 4x256x1536 float32 tensor: 81 us vs 3.4 ms for ``isfinite(t).all()``); only a non-finite
-    sum (a real NaN/inf, or finite values that overflow when added) takes the exact check.
+    sum (a real NaN/inf, or finite values that overflow when added) takes the exact check. Half-precision
+    activations are summed in float32 (their sum would overflow float16 long before any value does).
     """
-    if torch.isfinite(t.sum()):
+    half = t.dtype in (torch.float16, torch.bfloat16)
+    if torch.isfinite(t.sum(dtype=torch.float32) if half else t.sum()):
         return
     if not torch.isfinite(t).all():
         n_bad = int((~torch.isfinite(t)).sum())
