@@ -51,7 +51,8 @@ def bounded_heap() -> Iterator[None]:
     glibc's default raises the mmap threshold each time a mapped block is freed (up to 32 MiB), after
     which the transient activations of a block forward live in the heap, fragment it and keep the
     RSS at its high-water mark: GPTQ on SmolLM2-135M (32 x 256 tokens, ``scripts/bench_ptq.py --methods
-    gptq``) needs 1.53x the model's bytes without this, 1.31x with it (55.1 s vs 60.6 s). On leaving, both thresholds are set to
+    gptq``, 2026-12-07, before issue 19's GPTQ solver work) needs 1.53x the model's bytes without this,
+    1.31x with it (55.1 s vs 60.6 s). On leaving, both thresholds are set to
     glibc's initial 128 KiB (the dynamic adjustment stays off: mallopt cannot turn it back on).
     ``QUANTLAB_HEAP_TUNING=0`` leaves the allocator alone; a no-op off glibc.
     """
