@@ -132,7 +132,8 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         # every weight's code is kept: spilled to part files as blocks finish (a quarter of an fp32 model)
         parent = ctx.output_dir if Path(ctx.output_dir).is_dir() else None
         # held in memory up to 1/128 of the model's bytes (1 to 64 MiB) between writes
-        arts = artifacts.SpilledTensors(parent, flush_bytes=min(64 * 2**20, max(2**20, model_bytes(model) // 128)))
+        flush = min(64 * 2**20, max(2**20, model_bytes(model) // 128))
+        arts = artifacts.SpilledTensors(parent, flush_bytes=flush)
         t0 = time.perf_counter()
 
         def per_block(bctx: BlockContext) -> list[torch.Tensor] | None:
