@@ -5,8 +5,8 @@ its (dynamically raised, up to 32 MiB) mmap threshold in the heap, and with long
 tensors (codes, statistics) between the transient large ones the heap cannot shrink from the top:
 quantizing SmolLM2-135M with GPTQ, the process grew block after block although the freed tensors were
 no longer alive, and ``malloc_trim(0)`` gave that memory back. :func:`release_freed_memory` calls it
-between blocks (a few ms; a no-op off glibc), and :func:`bounded_heap` keeps the large transient tensors of a block out of the heap while calibrating.
-Neither changes a computed value.
+between blocks (a few ms; a no-op off glibc), and :func:`bounded_heap` keeps the large transient
+tensors of a block out of the heap while calibrating. Neither changes a computed value.
 """
 from __future__ import annotations
 
