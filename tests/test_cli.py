@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF, run_cli
 
-QUANTIZERS = sorted(p.stem for p in (CONF / "quantizer").glob("*.yaml"))
+QUANTIZERS = sorted(p.stem for p in (CONF / "quantizer").glob("*.yaml") if not p.stem.startswith("_"))  # _base: a fragment
 #: LLM-QAT budget variants (llm_qat_cpu, llm_qat_paper): run with a shrunken budget in their own test
 QAT_BUDGETS = [q for q in QUANTIZERS if q.startswith("llm_qat_")]
 
@@ -37,6 +37,8 @@ def test_demo_tiny_runs_baseline_and_rtn(tmp_path):
     assert "rtn" in proc.stdout and "none" in proc.stdout
 
 
+@pytest.mark.slow  # a 4-job subprocess sweep; one record per job is also checked by every sweep test of
+# test_sweeps.py and test_every_quantizer_runs_end_to_end in the default suite
 def test_multirun_writes_one_record_per_job(tmp_path):
     args = ["-m", "+exp=demo_tiny", "quantizer=none,rtn", "quantizer.format.group_size=32,64", "eval=[ppl_local]"]
     proc = run_cli(args, tmp_path)

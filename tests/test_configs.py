@@ -5,12 +5,13 @@ import pytest
 import yaml
 from conftest import CONF, compose
 
+from quantlab.cli import build_spec
 from quantlab.errors import ConfigError
-from quantlab.pipeline import build_spec
 from quantlab.quantizers.base import QUANTIZERS, quantizer_class
 
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-QUANTIZER_FILES = sorted(p.stem for p in (CONF / "quantizer").glob("*.yaml"))
+# `_base.yaml` holds the fields every method shares; it is a fragment the method YAMLs extend, not a method
+QUANTIZER_FILES = sorted(p.stem for p in (CONF / "quantizer").glob("*.yaml") if not p.stem.startswith("_"))
 FORMATS = sorted(p.stem for p in (CONF / "quantizer" / "format").glob("*.yaml"))
 CALIBS = sorted(p.stem for p in (CONF / "calib").glob("*.yaml"))
 EVALS = sorted(p.stem for p in (CONF / "eval").glob("*.yaml"))
@@ -50,6 +51,17 @@ def test_quantizer_configs_build(quantizer):
         assert FORMAT_PRESETS[quantizer] == name and spec.quantizer.format.kind == quantizer.split("_")[0]
         return
     assert quantizer == name or quantizer.startswith(name + "_"), "YAML stem must be <name> or <name>_<variant>"
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZER_FILES)
+def test_every_method_yaml_extends_the_base_and_does_not_repeat_it(quantizer):
+    """The shared fields come from quantizer/_base.yaml (so sweeps over them compose for every method);
+    a method's own YAML holds only its own fields (or a different value, e.g. LLM-QAT's wakv)."""
+    cfg = compose([f"quantizer={quantizer}"])
+    base = yaml.safe_load((CONF / "quantizer" / "_base.yaml").read_text())
+    assert set(base) <= set(cfg.quantizer), f"{quantizer}: lists no _base in its defaults"
+    own = yaml.safe_load((CONF / "quantizer" / f"{quantizer}.yaml").read_text())
+    assert [k for k in base if k in own and own[k] == base[k]] == [], f"{quantizer} repeats _base's values"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -95,3 +107,20 @@ def test_exp_presets_build(exp):
 def test_every_registered_quantizer_has_a_yaml():
     for name in QUANTIZERS.names():
         assert name in QUANTIZER_FILES or any(f.startswith(name + "_") for f in QUANTIZER_FILES), name
+
+
+def test_a_module_in_the_package_is_registered_by_existing(tmp_path, monkeypatch):
+    """quantizers/ and evals/ import every module below them (no import list to edit); `_`-names are skipped."""
+    from quantlab.registry import import_submodules
+
+    pkg = tmp_path / "fakepkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mymethod.py").write_text("SEEN = True\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "myeval.py").write_text("SEEN = True\n")
+    (pkg / "_private.py").write_text("raise RuntimeError('a _module must not be imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = import_submodules("fakepkg", [str(pkg)])
+    assert sorted(names) == ["fakepkg.mymethod", "fakepkg.sub", "fakepkg.sub.myeval"]
+    assert "hqq" in QUANTIZERS  # the newest method: no import list names it

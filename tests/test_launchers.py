@@ -43,10 +43,9 @@ def test_joblib_sweep_records_every_job_and_survives_a_failure(tmp_path):
 @pytest.mark.parametrize("size,gpus", [("7b", 1), ("13b", 1), ("34b", 2), ("70b", 4)])
 def test_slurm_presets_compose(size, gpus):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from conftest import CONF
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
-    from conftest import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=[f"hydra/launcher=slurm_{size}",

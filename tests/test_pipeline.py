@@ -6,8 +6,8 @@ import json
 import pytest
 from conftest import compose
 
+from quantlab.cli import run
 from quantlab.errors import ConfigError
-from quantlab.pipeline import run
 
 
 def test_same_config_same_numbers(tmp_path):

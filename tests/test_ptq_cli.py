@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose, run_cli
-from quantlab.pipeline import build_spec
+
+from quantlab.cli import build_spec
 from quantlab.quantizers.artifacts import ARTIFACTS_FILE, save_artifacts
 
 TINY = ["+exp=demo_tiny", "quantizer.format.group_size=32", "eval=[ppl_local]", "eval.ppl_local.max_windows=2"]

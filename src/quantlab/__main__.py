@@ -1,3 +1,3 @@
-from quantlab.run import main
+from quantlab.cli import main
 
 main()

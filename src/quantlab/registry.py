@@ -1,6 +1,8 @@
-"""A tiny name -> object registry used for quantizers and evaluators."""
+"""A tiny name -> object registry used for quantizers and evaluators, and the package scan that fills it."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -48,3 +50,18 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def import_submodules(package: str, path: list[str]) -> list[str]:
+    """Import every module below ``package`` (its ``__path__`` is ``path``), so each one's registration
+    decorator runs: a new method or evaluator is registered by existing, not by an import list.
+
+    Modules and packages whose name starts with ``_`` are skipped. Returns the imported module names.
+    """
+    names = []
+    for info in pkgutil.walk_packages(path, prefix=f"{package}."):
+        if any(part.startswith("_") for part in info.name[len(package) + 1:].split(".")):
+            continue
+        importlib.import_module(info.name)
+        names.append(info.name)
+    return names

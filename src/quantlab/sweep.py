@@ -36,7 +36,7 @@ def find_existing(root: Path, experiment: str, variant_id: str, seed: int, exclu
         if vid is None:  # written before variants existed: recompute from its config
             try:
                 vid = (with_variant(read_record(path)).variant or {}).get("id")
-            except Exception:  # an unreadable old record never counts as a match
+            except Exception:  # noqa: BLE001 (an unreadable old record never counts as a match)
                 vid = None
         if vid == variant_id:
             stamp = str(d.get("finished_at") or d.get("started_at") or "")
@@ -100,7 +100,7 @@ def single_job_argv(argv: Sequence[str], config_dir: str, config_name: str = "co
             return False
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             cfg = compose(config_name, overrides=list(argv), return_hydra_config=True)
-    except Exception:  # a bad override: let Hydra report it the usual way
+    except Exception:  # noqa: BLE001 (a bad override: let Hydra report it the usual way)
         return False
     finally:
         GlobalHydra.instance().clear()

@@ -1,7 +1,9 @@
-"""Evaluators. Importing this package registers every built-in evaluator."""
-from quantlab.evals import layer_error, lm_eval_tasks, perplexity  # noqa: F401  (registration side effect)
+"""Evaluators. Importing this package registers every evaluator: each module below it is imported
+(:func:`quantlab.registry.import_submodules`), so a new ``evals/<name>.py`` with its
+``@register_evaluator`` needs no import list (README, "Adding an evaluator")."""
 from quantlab.evals.base import EVALUATORS, Evaluator, register_evaluator
-from quantlab.evals.code import humaneval, multilingual  # noqa: F401  (registration side effect)
-from quantlab.evals.sampling import sweep  # noqa: F401  (registration side effect)
+from quantlab.registry import import_submodules
+
+import_submodules(__name__, __path__)
 
 __all__ = ["EVALUATORS", "Evaluator", "register_evaluator"]

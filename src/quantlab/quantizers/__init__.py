@@ -1,5 +1,6 @@
-"""Quantization methods. Importing this package registers every built-in method."""
-from quantlab.quantizers import awq, bnb, gptq, llm_qat, none, rtn, smoothquant, smoothquant_plus  # noqa: F401  (registration side effect)
+"""Quantization methods. Importing this package registers every method: each module below it is
+imported (:func:`quantlab.registry.import_submodules`), so ``quantizers/<name>.py`` with its
+``@register_quantizer`` is all a new method needs here (README, "Adding a method")."""
 from quantlab.quantizers.base import (
     QUANTIZERS,
     Quantizer,
@@ -7,5 +8,8 @@ from quantlab.quantizers.base import (
     build_quantizer,
     register_quantizer,
 )
+from quantlab.registry import import_submodules
+
+import_submodules(__name__, __path__)
 
 __all__ = ["QUANTIZERS", "Quantizer", "QuantizerConfig", "build_quantizer", "register_quantizer"]

@@ -138,7 +138,7 @@ class RunRecord:
         if self.format:
             return self.format.get("short_name")
         quantizer = self.quantizer or {}
-        if quantizer.get("name") == "none" or quantizer.get("is_identity"):
+        if quantizer.get("name") == "none":
             return "fp"
         return None
 
@@ -207,6 +207,13 @@ class RunRecord:
         return row
 
 
+def new_record(output_dir: str | Path, experiment: str = "default", **fields: Any) -> RunRecord:
+    """A run's record before it starts: a fresh id, ``started_at`` now, ``status="failed"`` until the run
+    says otherwise; ``fields`` are any other :class:`RunRecord` fields (overrides, tags, seed, quantizer)."""
+    return RunRecord(run_id=new_run_id(), status="failed", experiment=experiment, output_dir=str(output_dir),
+                     started_at=utc_now_iso(), **fields)
+
+
 # ----------------------------------------------------------------------------- JSON / atomic writes
 
 
@@ -237,7 +244,7 @@ def _finite(obj: Any, path: str, bad: list[str]) -> Any:
     return obj
 
 
-def _atomic_write(path: Path, write: Callable[[IO[str]], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[IO[str]], object]) -> None:
     """Write ``path`` via a temp file in the same directory, fsync, then ``os.replace``.
 
     On any error the temp file is removed and an existing ``path`` is left untouched.

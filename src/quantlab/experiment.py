@@ -1,7 +1,9 @@
-"""One run, on typed objects only: load -> (calibrate) -> quantize -> evaluate -> facts for the record.
+"""One experiment on typed objects: load -> (calibrate) -> quantize -> evaluate -> record.
 
-:mod:`quantlab.pipeline` turns the Hydra config into a :class:`RunSpec` and owns records and error
-handling; this module never sees Hydra.
+:mod:`quantlab.cli` (the Hydra edge) turns the composed config into a :class:`RunSpec`; nothing here sees
+Hydra. The run's one outcome object is its :class:`~quantlab.tracking.record.RunRecord`: :func:`execute`
+writes every fact into it as soon as it is known, so a run that fails half-way still records what it
+found, and :func:`run` writes it exactly once, atomically, ``status=ok`` only when everything finished.
 """
 from __future__ import annotations
 
@@ -9,17 +11,20 @@ import dataclasses
 import hashlib
 import logging
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from quantlab import wakv_step
 from quantlab.calib.datasets import CalibConfig, build_calib
 from quantlab.deploy.config import DeployConfig, check_exports_early, check_packable
 from quantlab.deploy.run import deploy_result, loaded_format, packed_footprint, prepare_loaded
-from quantlab.errors import ConfigError
+from quantlab.errors import ConfigError, find_quantlab_error
 from quantlab.evals.base import Evaluator
 from quantlab.metrics.footprint import GB, model_footprint, packed_estimate
 from quantlab.models.loaders import LoadedModel, ModelConfig, load_model
@@ -27,12 +32,14 @@ from quantlab.models.offload import check_offloadable
 from quantlab.nn.swap import iter_linears
 from quantlab.quantizers.artifacts import ARTIFACTS_FILE, save_artifacts
 from quantlab.quantizers.base import Quantizer, QuantizerConfig, build_quantizer, quantizer_class
-from quantlab.tracking.env import peak_memory, reset_peak_cuda
+from quantlab.tracking.env import capture_env, peak_memory, reset_peak_cuda
+from quantlab.tracking.record import RunRecord, utc_now_iso, write_json_atomic, write_record, write_table
 from quantlab.tracking.rss import RssSampler
-from quantlab.tracking.record import write_table
+from quantlab.tracking.variant import VARIANT_FILE, make_variant
+from quantlab.tracking.wandb_logger import LoggerConfig, Tracker, make_tracker
 from quantlab.types import CalibData, EvalResult, RunContext
 from quantlab.utils.hashing import fingerprint
-from quantlab.utils.torch_utils import resolve_device, resolve_dtype, seed_everything
+from quantlab.utils.torch_utils import get_linear, resolve_device, resolve_dtype, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,9 @@ class RunSpec:
         calib: calibration set; built only if the quantizer or an evaluator needs it.
         evals: evaluators, run in order on the quantized model.
         seed: seeds every RNG before loading.
-        save_artifacts: write the quantizer's artifacts to ``artifacts.safetensors``.
+        save_artifacts: write the quantizer's artifacts to ``artifacts.safetensors`` (the config's default too).
         deploy: pack the quantized model into real low-bit layers and/or export checkpoints.
+        logger: the experiment tracker (W&B or none).
     """
 
     model: ModelConfig
@@ -56,27 +64,17 @@ class RunSpec:
     calib: CalibConfig | None = None
     evals: tuple[Evaluator, ...] = ()
     seed: int = 0
-    save_artifacts: bool = False
+    save_artifacts: bool = True
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
-class RunOutcome:
-    """Facts gathered while running; the pipeline copies them into the run record."""
+class RunExtras:
+    """What a run produces besides its record: named tables (also written as files) and images, for the tracker."""
 
-    model_info: dict[str, Any] = field(default_factory=dict)
-    quantizer_name: str = ""
-    format: dict[str, Any] | None = None
-    bits_per_weight: float | None = None
-    calib: dict[str, Any] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
-    per_item: dict[str, dict[str, Any]] = field(default_factory=dict)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    quant_summary: dict[str, Any] = field(default_factory=dict)
-    quant_time_s: float | None = None
     images: dict[str, str] = field(default_factory=dict)
-    peak_memory: dict[str, Any] = field(default_factory=dict)
 
 
 def weighted_bits_per_weight(quantizer: Quantizer, model: nn.Module, layers: list[str]) -> float | None:
@@ -86,10 +84,10 @@ def weighted_bits_per_weight(quantizer: Quantizer, model: nn.Module, layers: lis
         return None
     total = bits = 0.0
     for name in layers:
-        mod = model.get_submodule(name)
+        mod = get_linear(model, name)
         n = mod.in_features * mod.out_features  # not weight.numel(): bitsandbytes packs 2 codes per byte
         total += n
-        bits += n * fmt.bits_per_weight(mod.in_features)
+        bits += n * quantizer.bits_per_weight(mod.in_features)
     return bits / total
 
 
@@ -143,7 +141,7 @@ def _footprint_metrics(quantizer: Quantizer, model: nn.Module, layers: list[str]
         return packed_footprint(model, out)
     fmt = quantizer.format
     if fmt is not None and layers and not quantizer.quantizes_at_load:
-        bpw = {n: fmt.bits_per_weight(model.get_submodule(n).in_features) for n in layers}
+        bpw = {n: quantizer.bits_per_weight(get_linear(model, n).in_features) for n in layers}
         out.metrics["memory/packed_est_gb"] = packed_estimate(model, bpw) / GB
         out.provenance["memory/packed_est_gb"] = {
             "protocol": "estimate: quantized Linears at their bits per weight (scales included), "
@@ -165,13 +163,13 @@ def _load(spec: RunSpec, quantizer: Quantizer) -> tuple[LoadedModel, dict[str, t
         fp_weights = {n: m.weight.detach().to("cpu", copy=True) for n, m in iter_linears(fp_model, ("*",), ())}
         del fp_model
     dtype = resolve_dtype(spec.model.dtype)
-    dtype = torch.float32 if dtype == "auto" else dtype
+    dtype = torch.float32 if dtype == "auto" else cast(torch.dtype, dtype)
     quantizer.prepare(resolve_device(spec.model.device), dtype)
     seed_everything(spec.seed)
     return load_model(spec.model, quantization_config=quantizer.load_config(dtype)), fp_weights
 
 
-def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) -> None:
+def _merge_eval(out: RunRecord, extras: RunExtras, ev: Evaluator, res: EvalResult, wall_s: float) -> None:
     for key, value in res.metrics.items():
         if key in out.metrics:
             raise ConfigError("eval", f"two evaluators produce metric {key!r}; give them different names")
@@ -182,20 +180,21 @@ def _merge_eval(out: RunOutcome, ev: Evaluator, res: EvalResult, wall_s: float) 
             raise ConfigError("eval", f"two evaluators produce per-item data {key!r}; name them apart")
         out.per_item[key] = items
     for name, rows in res.tables.items():
-        out.tables[name] = rows
-    out.images.update({k: str(v) for k, v in res.images.items()})
+        extras.tables[name] = rows
+    extras.images.update({k: str(v) for k, v in res.images.items()})
 
 
-def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> RunOutcome:
+def execute(spec: RunSpec, output_dir: Path, out: RunRecord, quantizer: Quantizer | None = None) -> RunExtras:
     """Run one experiment described by ``spec``; files go below ``output_dir``.
 
-    Facts are written into ``out`` as they become known, so a caller that passes its own
-    :class:`RunOutcome` keeps them (model, calibration, ...) even when a later step raises.
+    Facts are written into the record ``out`` as they become known, so it keeps them (model,
+    calibration, ...) even when a later step raises. ``quantizer``: the one built from ``spec.quantizer``
+    (built here when not given).
     """
-    out = out if out is not None else RunOutcome()
+    extras = RunExtras()
     seed_everything(spec.seed)
-    quantizer = build_quantizer(spec.quantizer)
-    out.quantizer_name = quantizer.name
+    quantizer = quantizer if quantizer is not None else build_quantizer(spec.quantizer)
+    out.quantizer = {**out.quantizer, "name": quantizer.name}
     if spec.deploy.needs_codes:
         check_packable(quantizer, "deploy.pack" if spec.deploy.pack else "deploy.export")
         check_exports_early(quantizer, spec.deploy.export)
@@ -203,11 +202,12 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         check_offloadable(quantizer, spec.deploy.needs_codes)
     loaded, fp_weights = _load(spec, quantizer)
     model, tok = loaded.model, loaded.tokenizer
-    out.model_info = loaded.info
+    out.model = loaded.info
     loaded_label = prepare_loaded(loaded, quantizer, spec.deploy)  # an exported checkpoint: packed layers
     if loaded_label:
         out.format, out.bits_per_weight = loaded_format(model, loaded.info["packed_checkpoint"])
     quantizer.validate(model)
+    wakv_step.check(quantizer, model)
 
     quantizes = not quantizer.is_identity
     needs_calib = calibration_needed(spec)
@@ -232,13 +232,14 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         ev.check_model(model, tok)
     overlap = [ev.name for ev in spec.evals if out.calib is not None and ev.calibration_overlap(out.calib)]
     if overlap:  # test-set calibration (SmoothQuant+ does it on purpose): flagged in the record and every table
+        assert out.calib is not None  # overlap needs it
         out.calib["calibrated_on_eval_set"] = overlap
         log.warning("the calibration set (%s) is drawn from the items of %s: results are flagged "
                     "calibrated_on_eval_set", out.calib.get("name"), overlap)
     reset_peak_cuda()
     t0 = time.perf_counter()
     with RssSampler() as rss:
-        result = quantizer.apply(model, calib, ctx)
+        result = wakv_step.quantize(quantizer, model, calib, ctx)
     out.quant_time_s = round(time.perf_counter() - t0, 3)
     quant_rss = {f"quantize_{k}": v for k, v in rss.summary().items()}
     model = result.model
@@ -253,8 +254,8 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
     if spec.deploy.needs_codes:  # exports written from the codes, then (deploy.pack) real low-bit layers
         out.quant_summary.update(deploy_result(spec.deploy, model, tok, result, output_dir, out))
     for name, rows in result.tables.items():
-        out.tables[name] = rows
-    out.images.update({k: str(v) for k, v in result.images.items()})
+        extras.tables[name] = rows
+    extras.images.update({k: str(v) for k, v in result.images.items()})
     if result.images:
         out.quant_summary["images"] = {k: Path(v).name for k, v in result.images.items()}
 
@@ -271,14 +272,61 @@ def execute(spec: RunSpec, output_dir: Path, out: RunOutcome | None = None) -> R
         if ev.name in overlap:
             for key in res.metrics:
                 res.provenance.setdefault(key, {})["calibrated_on_eval_set"] = True
-        _merge_eval(out, ev, res, time.perf_counter() - t1)
+        _merge_eval(out, extras, ev, res, time.perf_counter() - t1)
     out.metrics.update(footprint.metrics)  # after the evals' metrics: the first metric stays an eval's
     out.provenance.update(footprint.provenance)
-    note = out.model_info.get("note")
+    note = out.model.get("note")
     if note:  # e.g. the demo model's "fp" weights are dequantized Q4_1: say so next to every number
         for prov in out.provenance.values():
             prov["model_note"] = note
-    for name, rows in out.tables.items():
+    for name, rows in extras.tables.items():
         write_table(rows, output_dir, name)
     out.peak_memory = {**peak_memory(), **quant_rss}
-    return out
+    return extras
+
+
+def run(record: RunRecord, output_dir: Path, build: Callable[[], RunSpec], config: dict[str, Any] | None = None
+        ) -> RunRecord:
+    """Build the spec, :func:`execute` it and write ``output_dir/result.json`` exactly once.
+
+    ``record`` is the run's skeleton (id, experiment, overrides, seed, ``status="failed"``); ``build``
+    makes the :class:`RunSpec` (the Hydra edge's config -> objects step), called here so that a bad
+    config value is recorded as a failed run like any other error. ``status`` becomes ``ok`` only when
+    everything finished; on any exception the error is recorded and the exception re-raised. ``config``:
+    the resolved configuration the tracker logs with the run (default: the method's config).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tracker = Tracker()
+    extras = RunExtras()
+    try:
+        spec = build()
+        quantizer = build_quantizer(spec.quantizer)
+        record.quantizer = {**record.quantizer, "name": quantizer.name, "config": spec.quantizer.to_dict()}
+        record.variant = make_variant(spec)
+        write_json_atomic(output_dir / VARIANT_FILE, record.variant)  # an interrupted run still names its variant
+        tracker = make_tracker(spec.logger)
+        tracker.start(run_id=record.run_id, experiment=record.experiment, quantizer=quantizer.name,
+                      config=config if config is not None else record.quantizer["config"], output_dir=output_dir,
+                      tags=record.tags)
+        extras = execute(spec, output_dir, record, quantizer)
+        record.status = "ok"
+    except BaseException as e:
+        user_err = find_quantlab_error(e)
+        record.error = {"type": type(user_err or e).__name__, "message": str(user_err or e) or type(e).__name__,
+                        "traceback": traceback.format_exc()}
+        if not record.peak_memory:
+            record.peak_memory = peak_memory()
+        raise
+    finally:
+        record.env = capture_env(record.model.get("device"))
+        record.finished_at = utc_now_iso()
+        record.wall_s = round(time.perf_counter() - t0, 3)
+        write_record(record, output_dir)
+        try:
+            tracker.log_result(record, extras.tables, extras.images)
+            tracker.finish(record.status == "ok")
+        except Exception:  # tracking must never turn a finished run into a failure
+            log.exception("experiment tracker failed")
+    log.info("run %s: %s -> %s", record.run_id, record.status, output_dir / "result.json")
+    return record
