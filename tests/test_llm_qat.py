@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import random_calib
 
+from quantlab import wakv_step
 from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
 from quantlab.generation import DecodingConfig, GenRequest, generate
@@ -61,21 +62,41 @@ def test_llm_qat_label_names_teacher_sampling_that_is_not_the_reference():
     assert label(top_k=0, strategy="greedy") == "llm_qat w4pcs 4-8-4"
 
 
-def test_wakv_replaces_the_weight_bits_of_ptq_methods_and_is_refused_where_it_cannot_apply(tiny):
+def test_wakv_never_changes_the_format_and_is_refused_where_it_cannot_apply(tiny):
     model, _ = tiny
-    assert RTNConfig(format=QuantFormat(bits=4, group_size=64), wakv="8-8-8").format == QuantFormat(bits=8, group_size=64)
-    assert SmoothQuantConfig(wakv="4-8-4").format == QuantFormat(bits=4, group_size=-1, symmetric=True)
+    with pytest.raises(ConfigError, match=r"quantizer\.wakv: W=8 bits, but quantizer\.format\.bits=4"):
+        RTNConfig(format=QuantFormat(bits=4, group_size=64), wakv="8-8-8")  # an explicit format is never overwritten
+    assert RTNConfig(format=QuantFormat(bits=8, group_size=64), wakv="8-8-8").format == QuantFormat(bits=8, group_size=64)
+    with pytest.raises(ConfigError, match=r"quantizer\.wakv: W=4 bits, but quantizer\.format\.bits=8"):
+        SmoothQuantConfig(wakv="4-8-4")  # W8A8's own int8 format
+    w4pc = QuantFormat(bits=4, group_size=-1, symmetric=True)
+    assert SmoothQuantConfig(format=w4pc, wakv="4-8-4").format == w4pc
     with pytest.raises(ConfigError, match=r"quantizer\.wakv.*nf4"):
         RTNConfig(format=QuantFormat(kind="nf4", bits=4, group_size=64, symmetric=True), wakv="8-8-8")
     with pytest.raises(ConfigError, match="W must be 16"):
-        build_quantizer(NoneConfig(wakv="4-8-4")).validate(model)
+        wakv_step.check(build_quantizer(NoneConfig(wakv="4-8-4")), model)
     with pytest.raises(ConfigError, match="quantizer=none"):
-        build_quantizer(RTNConfig(format=QuantFormat(group_size=-1), wakv="16-8-8")).validate(model)
+        wakv_step.check(build_quantizer(RTNConfig(format=QuantFormat(group_size=-1), wakv="16-8-8")), model)
     with pytest.raises(ConfigError, match=r"quantizer\.wakv.*not nn.Linear"):
         BnbConfig(format=QuantFormat(kind="nf4", bits=4, group_size=64, symmetric=True, scale_bits=32), wakv="4-8-4")
-    q = build_quantizer(RTNConfig(format=QuantFormat(bits=4, group_size=-1, symmetric=True), wakv="4-8-4"))
+    q = build_quantizer(RTNConfig(format=w4pc, wakv="4-8-4"))
     assert q.label("float32") == "rtn w4pcs 4-8-4"
-    assert str(build_quantizer(SmoothQuantConfig()).wakv_setting()) == "8-8-16"  # plain W8A8 in the tables
+    assert str(wakv_step.setting_of(build_quantizer(SmoothQuantConfig()))) == "8-8-16"  # plain W8A8 in the tables
+
+
+def test_presets_tie_the_weight_bits_to_w_explicitly():
+    """The LLM-QAT presets sweep W-A-KV over W=4 and W=8: their format says ``bits: ${wakv_w:...}``."""
+    from conftest import compose
+
+    from quantlab.cli import build_spec
+
+    for wakv, bits in (("8-8-4", 8), ("4-8-8", 4)):
+        for q in ("rtn", "smoothquant", "gptq", "llm_qat_paper"):
+            spec = build_spec(compose(["+exp=llmqat_llama_7b", f"quantizer={q}", f"quantizer.wakv={wakv}"]))
+            assert spec.quantizer.format.bits == bits, (q, wakv)
+    with pytest.raises(ConfigError, match="quantizer.wakv"):
+        build_spec(compose(["+exp=llmqat_llama_7b", "quantizer=rtn", "quantizer.wakv=8-8-4",
+                            "quantizer.format.bits=4"]))
 
 
 # ------------------------------------------------------------------------------------ PTQ + W-A-KV
@@ -84,8 +105,8 @@ def test_wakv_replaces_the_weight_bits_of_ptq_methods_and_is_refused_where_it_ca
 def test_rtn_with_wakv_keeps_rtn_weights_and_adds_per_token_activation_and_kv_quant(tiny, tmp_path):
     model, _ = tiny
     fmt = QuantFormat(bits=4, group_size=-1, symmetric=True)
-    plain = build_quantizer(RTNConfig(format=fmt)).apply(_fresh(), None, _ctx(tmp_path)).model
-    res = build_quantizer(RTNConfig(format=fmt, wakv="4-8-4")).apply(model, None, _ctx(tmp_path))
+    plain = wakv_step.quantize(build_quantizer(RTNConfig(format=fmt)), _fresh(), None, _ctx(tmp_path)).model
+    res = wakv_step.quantize(build_quantizer(RTNConfig(format=fmt, wakv="4-8-4")), model, None, _ctx(tmp_path))
     assert res.summary["wakv"] == "4-8-4" and res.summary["wakv_swapped"] == 14
     for name, mod in plain.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
@@ -106,19 +127,18 @@ def _fresh():
 
 
 def test_smoothquant_with_wakv_uses_the_shared_activation_quantizer(tmp_path):
-    from quantlab.nn.act_quant import ActQuantLinear
-
     model = _fresh()
-    res = build_quantizer(SmoothQuantConfig(wakv="4-6-16")).apply(model, random_calib(), _ctx(tmp_path))
+    cfg = SmoothQuantConfig(format=QuantFormat(bits=4, group_size=-1, symmetric=True), wakv="4-6-16")
+    res = wakv_step.quantize(build_quantizer(cfg), model, random_calib(), _ctx(tmp_path))
     mods = [m for n, m in model.named_modules() if n.startswith("model.layers") and isinstance(m, torch.nn.Linear)]
-    assert not any(isinstance(m, ActQuantLinear) for m in mods)
+    assert not any(isinstance(m, QATLinear) and m.spec.arith == "smoothquant" for m in mods)  # not SmoothQuant's A8
     assert all(isinstance(m, QATLinear) and m.spec.a_bits == 6 and m.spec.out_bits == 16 for m in mods)
     assert res.summary["act_bits"] == 6 and res.summary["weight_format"] == "w4pcs"
 
 
 def test_kv_quantization_is_active_during_cached_generation(tiny, tmp_path):
     model, tok = tiny
-    build_quantizer(RTNConfig(format=QuantFormat(bits=4, group_size=-1, symmetric=True), wakv="4-8-4")).apply(
+    wakv_step.quantize(build_quantizer(RTNConfig(format=QuantFormat(bits=4, group_size=-1, symmetric=True), wakv="4-8-4")),
         model, None, _ctx(tmp_path))
     seen: list[torch.Tensor] = []
     k = model.get_submodule("model.layers.1.self_attn.k_proj")
@@ -145,7 +165,7 @@ def test_llm_qat_trains_a_fake_quant_student_and_reuses_it(tiny, tmp_path, monke
     monkeypatch.setenv("QUANTLAB_RESULTS", str(tmp_path / "results"))
     model, tok = tiny
     cfg = LLMQATConfig(**SMALL)
-    res = build_quantizer(cfg).apply(model, None, _ctx(tmp_path, tok=tok))
+    res = wakv_step.quantize(build_quantizer(cfg), model, None, _ctx(tmp_path, tok=tok))
     s = res.summary
     assert s["wakv"] == "4-8-4" and s["steps_done"] == 12 and s["data_sequences"] == 12
     assert s["loss_last"] < s["loss_first"]  # measured 5.2002 -> 5.1178 (lr 1e-3, 12 steps, data top_k 50)
@@ -158,17 +178,17 @@ def test_llm_qat_trains_a_fake_quant_student_and_reuses_it(tiny, tmp_path, monke
     with torch.no_grad():
         trained = model(ids).logits
     # the same run again reuses the finished student (and the generated data) instead of training
-    again = build_quantizer(cfg).apply(_fresh(), None, _ctx(tmp_path, tok=tok))
+    again = wakv_step.quantize(build_quantizer(cfg), _fresh(), None, _ctx(tmp_path, tok=tok))
     assert "reused_student" in again.summary and again.summary["data_wall_s"] < 5
     with torch.no_grad():
         torch.testing.assert_close(again.model(ids).logits, trained, rtol=0, atol=0)
     # and load_student re-applies it anywhere
-    loaded = build_quantizer(dataclasses.replace(cfg, load_student=s["student_file"])).apply(
+    loaded = wakv_step.quantize(build_quantizer(dataclasses.replace(cfg, load_student=s["student_file"])),
         _fresh(), None, _ctx(tmp_path, fp=None, tok=tok))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, trained, rtol=0, atol=0)
     with pytest.raises(ConfigError, match=r"quantizer\.load_student"):
-        build_quantizer(dataclasses.replace(cfg, load_student=str(tmp_path / "nope"))).apply(
+        wakv_step.quantize(build_quantizer(dataclasses.replace(cfg, load_student=str(tmp_path / "nope"))),
             _fresh(), None, _ctx(tmp_path, fp=None, tok=tok))
 
 
@@ -176,7 +196,7 @@ def test_llm_qat_clipping_variants_train(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTLAB_RESULTS", str(tmp_path / "results"))
     model, tok = tiny
     cfg = LLMQATConfig(**SMALL, w_quant="statsq", a_quant="lsq", wakv="4-8-16")
-    res = build_quantizer(cfg).apply(model, None, _ctx(tmp_path, tok=tok))
+    res = wakv_step.quantize(build_quantizer(cfg), model, None, _ctx(tmp_path, tok=tok))
     assert build_quantizer(cfg).label("float32") == "llm_qat w4pcs 4-8-16 w:statsq a:lsq"
     q = model.get_submodule("model.layers.0.mlp.down_proj")
     assert q.spec.w_quant == "statsq" and q.spec.a_quant == "lsq" and bool(q.act_step_ready)

@@ -159,6 +159,8 @@ def test_integer_only_methods_refuse_codebook_formats(tiny):
         GPTQQuantizer(GPTQConfig(format=QuantFormat(bits=4, group_size=32, kind="nf4"))).validate(tiny[0])
 
 
+@pytest.mark.slow  # a 4-job subprocess sweep; the default suite runs nf4_ref/fp4_ref through the CLI in
+# test_cli.py::test_every_quantizer_runs_end_to_end and their double quantization in-process above
 def test_cli_nf4_ref_and_fp4_dq(tmp_path):
     import json
 

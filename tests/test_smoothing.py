@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_calib as _calib  # noqa: E402,I001
+from conftest import random_calib as _calib
 
 from quantlab.algorithms.smoothing import fold_group_scales, group_scales, smoothquant_scales
 from quantlab.calib.stats import collect_group_absmax, group_key
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
-from quantlab.nn.act_quant import quantize_absmax
+from quantlab.nn.qat import sym_minmax_fake_quant
 
 CPU = torch.device("cpu")
 FMT = QuantFormat(bits=4, group_size=32)
@@ -61,6 +61,6 @@ def test_eq6_scales():
 
 def test_activation_quantizer_grid():
     x = torch.tensor([[1.0, -3.0, 0.0, 127.0]])
-    assert torch.equal(quantize_absmax(x), x)  # on the grid: s = 1
-    y = quantize_absmax(torch.randn(4, 16), granularity="per_tensor")
+    assert torch.equal(sym_minmax_fake_quant(x, 8, -1, "smoothquant"), x)  # on the grid: s = 1
+    y = sym_minmax_fake_quant(torch.randn(4, 16), 8, None, "smoothquant")  # per tensor
     assert len(torch.unique((y / (y.abs().max() / 127)).round())) <= 255

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_ctx as _ctx  # noqa: E402,I001
 from conftest import as_sequences as _as_sequences
+from conftest import cpu_ctx as _ctx
 from conftest import random_calib as _calib
 
 from quantlab.calib.stats import collect_group_absmax, group_key
@@ -13,16 +13,21 @@ from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
-from quantlab.nn.act_quant import (
-    ActQuantLinear,
-    quantize_per_tensor_absmax,
-    quantize_per_token_absmax,
-    swap_act_quant,
-)
+from quantlab.nn.qat import QATLinear, QATSpec, swap_act_quant, sym_minmax_fake_quant
 from quantlab.quantizers.artifacts import save_artifacts
 from quantlab.quantizers.smoothquant import SmoothQuantConfig, SmoothQuantQuantizer, norm_groups
 
 CPU = torch.device("cpu")
+
+
+def quantize_per_token_absmax(x, bits=8):  # SmoothQuant's A8 per token, through the one implementation
+    return sym_minmax_fake_quant(x, bits, -1, "smoothquant")
+
+
+def quantize_per_tensor_absmax(x, bits=8):
+    return sym_minmax_fake_quant(x, bits, None, "smoothquant")
+
+
 GROUP_QKV = "input_layernorm->q_proj,k_proj,v_proj"
 GROUP_MLP = "post_attention_layernorm->gate_proj,up_proj"
 
@@ -61,13 +66,13 @@ def test_per_tensor_quantizer_grid_and_exact_points():
 
 def test_act_quant_linear_is_a_linear_sharing_parameters():
     lin = torch.nn.Linear(16, 8)
-    q = ActQuantLinear.from_linear(lin, 8, "per_tensor")
+    q = QATLinear.from_linear(lin, QATSpec(a_bits=8, arith="smoothquant", a_granularity="per_tensor"))
     assert isinstance(q, torch.nn.Linear) and q.weight is lin.weight and q.bias is lin.bias
     a = torch.randn(2, 3, 16)
     assert torch.equal(q(a), F.linear(quantize_per_tensor_absmax(a), lin.weight, lin.bias))
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert swap_act_quant(model, ["0"]) == ["0"] and swap_act_quant(model, ["0"]) == []
-    assert isinstance(model[0], ActQuantLinear) and "act_bits=8" in repr(model)
+    assert isinstance(model[0], QATLinear) and "a8 (minmax, per_token)" in repr(model)
 
 
 # ------------------------------------------------------------------ the quantizer
@@ -79,8 +84,8 @@ def test_w8a8_close_to_fp_and_activations_quantized(tmp_path, monkeypatch):
     res = SmoothQuantQuantizer(SmoothQuantConfig()).quantize(model, _calib(), _ctx(tmp_path, keep=True))
     # measured logits MSE vs fp: 0.0093 (W8A8, alpha 0.5); fp logit variance 1.22; w4 g32 RTN gives 0.32
     assert ((_logits(model, x) - ref) ** 2).mean().item() < 0.05
-    swapped = [n for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
-    assert sorted(swapped) == res.quantized_layers and len(swapped) == 14 and not isinstance(model.lm_head, ActQuantLinear)
+    swapped = [n for n, m in model.named_modules() if isinstance(m, QATLinear) and m.spec.arith == "smoothquant"]
+    assert sorted(swapped) == res.quantized_layers and len(swapped) == 14 and not isinstance(model.lm_head, QATLinear)
     assert res.summary["smoothed_groups"] == [GROUP_QKV, GROUP_MLP]  # o_proj, down_proj: not smoothed
     # what reaches the matmul of a swapped layer is on a per-token int8 grid
     seen = {}
@@ -128,7 +133,7 @@ def test_per_tensor_granularity_and_scales_match_eq6(tmp_path):
     expect = (stats[f"model.layers.0.{GROUP_QKV}"].clamp(min=1e-5).sqrt() / w.clamp(min=1e-5).sqrt()).clamp(min=1e-5)
     res = SmoothQuantQuantizer(SmoothQuantConfig(act_granularity="per_tensor")).quantize(model, _calib(), _ctx(tmp_path))
     assert torch.allclose(res.artifacts[f"smooth.model.layers.0.{GROUP_QKV}"], expect, rtol=1e-6)
-    assert model.model.layers[0].mlp.up_proj.granularity == "per_tensor"
+    assert model.model.layers[0].mlp.up_proj.spec.a_granularity == "per_tensor"
     assert [g.key for g in norm_groups(mapping, build_tiny_llama(num_key_value_heads=4)[0].model.layers[0])] == [GROUP_QKV, GROUP_MLP]
 
 

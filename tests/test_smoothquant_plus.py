@@ -6,29 +6,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_ctx as _ctx  # noqa: E402,I001
 from conftest import as_sequences as _as_sequences
 from conftest import compose
+from conftest import cpu_ctx as _ctx
 from conftest import random_calib as _calib
 
 from quantlab.algorithms import alpha_search as AS
 from quantlab.algorithms.smoothing import fold_group_scales, group_scales
 from quantlab.calib.stats import collect_group_absmax, group_key
+from quantlab.cli import build_spec
 from quantlab.errors import ConfigError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
-from quantlab.pipeline import build_spec
 from quantlab.quantizers import smoothquant_plus as SQP
 from quantlab.quantizers.artifacts import save_artifacts
-from quantlab.tracking.record import write_table
-from quantlab.tracking.variant import variant_settings
 from quantlab.quantizers.smoothquant_plus import (
     SmoothQuantPlusConfig,
     SmoothQuantPlusQuantizer,
     smoothed_groups,
 )
+from quantlab.tracking.record import write_table
+from quantlab.tracking.variant import variant_settings
 from quantlab.types import CalibData, tokens_sha256
 
 CPU = torch.device("cpu")
@@ -246,9 +246,10 @@ def test_fast_rtn_is_bit_identical(fmt, dtype):
     w[0] = 0.0
     w[1, :32] = 1e-7
     w = w.to(dtype)
-    expect = affine.fake_quantize(w, fmt)
-    assert torch.equal(AS.fake_quantize_fast(w, fmt), expect)
-    AS.fake_quantize_(w, fmt)
+    q, scale, zero = affine.quantize_weight(w, fmt)  # the codes path
+    expect = affine.dequantize(q, scale, zero, fmt).to(w.dtype)
+    assert torch.equal(affine.fake_quantize(w, fmt), expect)
+    affine.fake_quantize_(w, fmt)
     assert torch.equal(w, expect)
 
 

@@ -36,8 +36,7 @@ Cost model (what is done once, what per alpha):
   group's input (statistics) and ends in the fp reference (final hidden states after the final norm,
   hidden-sized, never logits); the per-channel max |W| of every group (per block); ``G``.
 * PER ALPHA AND BLOCK: restore the parameters smoothing changes in place from one saved copy, fold
-  ``s(alpha)``, RTN in place (:func:`fake_quantize_`, the same values as
-  :func:`~quantlab.formats.affine.fake_quantize` in half the passes), run the block on that alpha's
+  ``s(alpha)``, RTN in place (:func:`~quantlab.formats.affine.fake_quantize_`), run the block on that alpha's
   hidden-state stream. Linears no group touches (o_proj unless ``smooth_vo``) are rounded once per
   block. No model copies are made.
 
@@ -66,7 +65,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +89,7 @@ from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, relative_names
 from quantlab.utils.memory import release_freed_memory
+from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def gram(head_weight: torch.Tensor) -> torch.Tensor:
     return w.T @ w
 
 
-def loss_sum(kind: str, h_q: torch.Tensor, h_fp: torch.Tensor, head: nn.Module, G: torch.Tensor | None = None) -> float:
+def loss_sum(kind: str, h_q: torch.Tensor, h_fp: torch.Tensor, head: nn.Linear, G: torch.Tensor | None = None) -> float:
     """Sum over tokens of the per-token loss between final hidden states (post final norm) ``(..., hidden)``.
 
     ``logits_mse``'s per-token value is already the mean over the vocabulary, ``hidden_mse``'s the mean
@@ -123,51 +123,14 @@ def loss_sum(kind: str, h_q: torch.Tensor, h_fp: torch.Tensor, head: nn.Module, 
         d = hq - hf
         return float(((d @ G.to(dt)) * d).sum(dtype=torch.float64)) / head.weight.shape[0]
     if kind == "kl":
-        w, b = head.weight.to(dt), (head.bias.to(dt) if getattr(head, "bias", None) is not None else None)
+        w, b = head.weight.to(dt), (cast(torch.Tensor, head.bias).to(dt)
+                                    if getattr(head, "bias", None) is not None else None)
         total = 0.0
         for q, f in zip(hq.split(KL_SLICE_TOKENS), hf.split(KL_SLICE_TOKENS)):
             lp_q, lp_f = F.log_softmax(F.linear(q, w, b), dim=-1), F.log_softmax(F.linear(f, w, b), dim=-1)
             total += float(F.kl_div(lp_q, lp_f, log_target=True, reduction="sum"))
         return total
     raise ValueError(f"unknown loss {kind!r}; choose from {LOSSES}")
-
-
-# ------------------------------------------------------------------------------------- rounding
-def _rtn_minmax_(wg: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Asymmetric min/max RTN of ``wg`` (out, n_groups, g) in place (``affine``'s float operations)."""
-    wmin, wmax = torch.aminmax(wg, dim=-1)
-    scale = (wmax - wmin).clamp_(min=affine.AWQ_MIN_RANGE).div_(maxq)
-    zero = torch.round(wmin / scale).neg_().clamp_(0, maxq)
-    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    # clamp(round(w/s) + z, 0, maxq) - z == clamp(round(w/s), -z, maxq - z): small integers, exact in floats
-    return wg.div_(s).round_().clamp_(min=z.neg(), max=maxq - z).mul_(s)
-
-
-def _fast_path(fmt: QuantFormat) -> bool:
-    return not fmt.symmetric and not fmt.zero_in_range
-
-
-def fake_quantize_fast(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """:func:`~quantlab.formats.affine.fake_quantize`, the same values, with fewer passes over memory.
-
-    For the AWQ/SmoothQuant+ asymmetric min/max format the same scales and zero points are computed
-    with the same float operations; the codes, integers either way, are clamped as ``q - z`` in place
-    without the uint8 round trip (4 passes instead of 8). Results are ``torch.equal`` to ``affine``'s
-    (a code 0 may come out as -0.0). Other formats use ``affine``.
-    """
-    if not _fast_path(fmt):
-        return affine.fake_quantize(w, fmt)
-    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    wg = affine.group_view(w.to(dt, copy=True), fmt)
-    return _rtn_minmax_(wg, fmt.maxq).reshape(w.shape).to(w.dtype)
-
-
-def fake_quantize_(w: torch.Tensor, fmt: QuantFormat) -> None:
-    """``w.copy_(fake_quantize(w, fmt))`` without temporaries of W's size where possible (float32/64)."""
-    if _fast_path(fmt) and w.dtype in (torch.float32, torch.float64) and w.is_contiguous():
-        _rtn_minmax_(affine.group_view(w, fmt), fmt.maxq)
-    else:
-        w.copy_(fake_quantize_fast(w, fmt))
 
 
 # ------------------------------------------------------------------------------------- search
@@ -216,7 +179,7 @@ def _fp_stats(ctx: BlockContext, groups: list[ScaleGroup], stats: dict[str, torc
         m = reduce_absmax(x).cpu()
         stats[key] = m if key not in stats else torch.maximum(stats[key], m)
 
-    outs = ctx.collect(list(by_first), on_input, early_exit=False)
+    outs = cast(list[torch.Tensor], ctx.collect(list(by_first), on_input, early_exit=False))  # never None
     return BlockData(hidden=outs, kwargs=ctx.inputs.kwargs, index=ctx.inputs.index)
 
 
@@ -236,9 +199,9 @@ class _BlockSearch:
         self.params = _params(ctx.block, touched)
         self.static = _params(ctx.block, static)
         self.orig = {k: p.detach().clone() for k, p in {**self.params, **self.static}.items()}  # one block, on the device
-        self.w_max = {g.key: weight_absmax_per_input([ctx.module(n).weight for n in g.linears]) for g in groups}
+        self.w_max = {g.key: weight_absmax_per_input([ctx.linear(n).weight for n in g.linears]) for g in groups}
         for rel in static:
-            fake_quantize_(ctx.module(rel).weight.data, fmt)
+            affine.fake_quantize_(ctx.linear(rel).weight.data, fmt)
         self._dirty = False
 
     def run(self, alpha: float | None, act: dict[str, torch.Tensor], stream: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -250,7 +213,7 @@ class _BlockSearch:
             scales = {k: smoothquant_scales(act[k].to(self.w_max[k].device), self.w_max[k], alpha) for k in self.w_max}
             fold_group_scales(block, self.groups, scales)
         for rel in self.rel:
-            fake_quantize_(block.get_submodule(rel).weight.data, self.fmt)
+            affine.fake_quantize_(get_linear(block, rel).weight.data, self.fmt)
         return [self._forward(h, kw) for h, kw in zip(stream, self.ctx.inputs.kwargs)]
 
     def _forward(self, h: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
@@ -295,6 +258,7 @@ def search_alpha(
     n_s = min(search_samples or n, n)
     sub = plan if n_s == n else first_sequences(plan, n_s)
     kept = [int((c.index < n_s).sum()) for c in plan]  # rows of every fp chunk the search streams hold
+    fp: BlockData | None  # None after the first wave
     fp = capture_block_inputs(model, mapping, None, device=device, chunks=plan)
     start = fp if n_s == n else capture_block_inputs(model, mapping, None, device=device, chunks=sub)
     cands: list[float | None] = [*alphas, *([None] if rtn_baseline else [])]
@@ -312,6 +276,7 @@ def search_alpha(
             streams: dict[int, list[torch.Tensor] | None] = {j: list(start.hidden) for j in idx}
             fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
             if ref is None:
+                assert fp is not None  # the first wave: _pass got the fp stream and returns it
                 ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
                 fp = None  # the fp stream is only needed once
             losses.update(_losses(model, mapping, loss, streams, ref, device))
@@ -366,7 +331,7 @@ def _losses(model: nn.Module, mapping: ArchMapping, kind: str, streams: dict[int
             ref: list[torch.Tensor], device: torch.device) -> dict[int, tuple[float, float]]:
     """Mean per-token ``kind`` loss and ``hidden_mse`` of every stream against the fp reference (final-norm
     outputs; ``inf`` for dropped streams)."""
-    norm, head = model.get_submodule(mapping.final_norm), model.get_submodule(mapping.lm_head)
+    norm, head = model.get_submodule(mapping.final_norm), get_linear(model, mapping.lm_head)
     n_tok = sum(r.shape[0] * r.shape[1] for r in ref)
     out = {}
     with on_device([norm, head], device, writeback=False):

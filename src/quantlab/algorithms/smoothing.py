@@ -15,10 +15,13 @@ upstream SmoothQuant ``smooth_ln_fcs`` convention; the paper does not say).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from quantlab.models.mappings import ScaleGroup
+from quantlab.utils.torch_utils import get_linear
 
 SCALE_FLOOR = 1e-5  # SmoothQuant smooth.py: clamp(min=1e-5) on weight maxima and on s
 
@@ -60,17 +63,17 @@ def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
     """
     prev = block.get_submodule(group.prev)
     if group.prev_kind == "norm":
-        _scale_(prev.weight, s, dim=0, divide=True)
+        _scale_(cast(torch.Tensor, prev.weight), s, dim=0, divide=True)
         if getattr(prev, "bias", None) is not None:
-            _scale_(prev.bias, s, dim=0, divide=True)
+            _scale_(cast(torch.Tensor, prev.bias), s, dim=0, divide=True)
     elif group.prev_kind == "linear":
-        _scale_(prev.weight, s, dim=0, divide=True)  # output rows
+        _scale_(cast(torch.Tensor, prev.weight), s, dim=0, divide=True)  # output rows
         if prev.bias is not None:
-            _scale_(prev.bias, s, dim=0, divide=True)
+            _scale_(cast(torch.Tensor, prev.bias), s, dim=0, divide=True)
     else:
         raise ValueError(f"unknown prev_kind {group.prev_kind!r} in {group}")
     for name in group.linears:
-        _scale_(block.get_submodule(name).weight, s, dim=1, divide=False)  # input columns
+        _scale_(get_linear(block, name).weight, s, dim=1, divide=False)  # input columns
 
 
 def _scale_(p: torch.Tensor, s: torch.Tensor, dim: int, divide: bool) -> None:
@@ -96,7 +99,7 @@ def group_scales(block: nn.Module, groups: list[ScaleGroup], act_absmax: dict[st
     """
     out = {}
     for g in groups:
-        w_max = weight_absmax_per_input([block.get_submodule(n).weight for n in g.linears])
+        w_max = weight_absmax_per_input([get_linear(block, n).weight for n in g.linears])
         out[g.key] = smoothquant_scales(act_absmax[g.key].to(w_max.device), w_max, alpha)
     return out
 

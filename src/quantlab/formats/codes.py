@@ -19,6 +19,7 @@ from torch import nn
 
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
+from quantlab.utils.torch_utils import get_linear
 
 
 @dataclass
@@ -112,7 +113,7 @@ def rtn_linears_(block: nn.Module, rel_names: Iterable[str], fmt: QuantFormat,
     stored there under ``prefix + name``, on the CPU (one byte per weight: a big model's codes must not
     crowd the accelerator)."""
     for rel in rel_names:
-        w = block.get_submodule(rel).weight
+        w = get_linear(block, rel).weight
         q, scale, zero = affine.quantize_weight(w.data, fmt)
         w.data.copy_(affine.dequantize(q, scale, zero, fmt).to(w.dtype))
         if codes is not None:

@@ -19,6 +19,7 @@ weight's columns once and the activations' columns at every call (as exllama and
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from quantlab.formats.codes import QuantizedWeight
 from quantlab.formats.layouts import aten_int4
 from quantlab.formats.layouts import compressed_tensors as ct
 from quantlab.nn.swap import replace_module
+from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ class PackedLinear(nn.Module):
     ``weight_shape`` int64 [2], ``weight_zero_point`` (asymmetric) int32 [ceil(N*b/32), K/G],
     ``weight_g_idx`` int32 [K] (permuted groups only); ``bias`` as in ``nn.Linear``.
     """
+
+    weight_packed: torch.Tensor
+    weight_scale: torch.Tensor
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None,
                  backend: str = "reference") -> None:
@@ -156,7 +161,8 @@ class PackedLinear(nn.Module):
         if perm is not None:
             x2 = x2.index_select(1, perm)
         if self.backend == "cpu":
-            y = aten_int4.matmul(x2.to(torch.bfloat16).contiguous(), b["ws_int4"], self.group_size, b["ws_sz"])
+            y = aten_int4.matmul(x2.to(torch.bfloat16).contiguous(), cast(torch.Tensor, b["ws_int4"]), self.group_size,
+                                 cast(torch.Tensor, b["ws_sz"]))
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             if self.bias is not None:
@@ -186,11 +192,12 @@ def pack_linears(model: nn.Module, codes: dict[str, QuantizedWeight], backend: s
         if why:
             raise ConfigError(KEY, f"{why} ({name})")
     for name, qw in codes.items():
-        mod = model.get_submodule(name)
+        mod = get_linear(model, name)
         dev = mod.weight.device
         qw = QuantizedWeight(qw.codes.to(dev), qw.scales.to(dev), qw.zeros.to(dev), qw.bits, qw.group_size,
                              qw.symmetric, None if qw.g_idx is None else qw.g_idx.to(dev))
-        replace_module(model, name, PackedLinear(qw, mod.bias, scale_dtype or mod.weight.dtype, backend))
+        bias = cast("torch.Tensor | None", mod.bias)
+        replace_module(model, name, PackedLinear(qw, bias, scale_dtype or mod.weight.dtype, backend))
     log.info("packed %d Linears (backend %s)", len(codes), backend)
     return list(codes)
 

@@ -1,5 +1,6 @@
-"""LLM-QAT fake quantization with a straight-through estimator (Liu et al. 2023, "LLM-QAT: Data-Free
-Quantization Aware Training for Large Language Models", section 2.2).
+"""Symmetric absmax fake quantization of weights, Linear inputs and outputs: LLM-QAT's (Liu et al. 2023,
+"LLM-QAT: Data-Free Quantization Aware Training for Large Language Models", section 2.2, with a
+straight-through estimator) and SmoothQuant's dynamic activation quantizer (its "A8"), one implementation.
 
 Symmetric MinMax quantization, Eq. (3)::
 
@@ -18,6 +19,11 @@ both are available and the choice is recorded:
   the code's backward, which zeroes the gradient where ``|X_R| >= 2`` (a fixed bound, not the
   quantizer range).
 
+* ``arith="smoothquant"``: SmoothQuant's ``smoothquant/fake_quant.py``
+  (``quantize_activation_per_token_absmax`` / ``..._per_tensor_absmax``): ``s = max(max|x|, 1e-5) / qmax``,
+  ``X_Q = round(X_R / s) * s`` (Eq. 3 with a floor on the range instead of leaving all-zero slices alone).
+  ``dim=None`` takes one scale over the whole tensor (SmoothQuant's ``per_tensor``).
+
 The clipping variants of the paper's ablation (Table 4) are options: ``w_quant="statsq"`` (weights
 clipped at a statistic of each output channel, :func:`statsq_fake_quant`) and ``a_quant="lsq"``
 (Linear inputs clipped at a learned step size, :func:`lsq_fake_quant`).
@@ -25,7 +31,9 @@ clipped at a statistic of each output channel, :func:`statsq_fake_quant`) and ``
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +41,30 @@ from torch import nn
 
 from quantlab.formats.wakv import FULL
 
-ARITHS = ("paper", "code")
+ARITHS = ("paper", "code", "smoothquant")
+GRANULARITIES = ("per_token", "per_tensor")  # Linear-input scales: one per token (row) or one per tensor
+SMOOTHQUANT_FLOOR = 1e-5  # smoothquant fake_quant.py: scales.clamp_(min=1e-5) before dividing by q_max
 W_QUANTS = ("minmax", "statsq")
 A_QUANTS = ("minmax", "lsq")
 _EPS = 1e-6  # the reference code's epsilon
 
 
-def sym_minmax_fake_quant(x: torch.Tensor, bits: int, dim: int = -1, arith: str = "paper") -> torch.Tensor:
+def sym_minmax_fake_quant(x: torch.Tensor, bits: int, dim: int | None = -1, arith: str = "paper") -> torch.Tensor:
     """Eq. (3): symmetric MinMax fake quantization with one scale per slice along ``dim`` (the
-    reduction runs over ``dim``: ``dim=-1`` gives one scale per row / token). Computed in float32
-    (float64 stays float64), returned in ``x``'s dtype. ``bits >= 16`` returns ``x`` unchanged."""
+    reduction runs over ``dim``: ``dim=-1`` gives one scale per row / token; ``None`` one for the whole
+    tensor). Computed in float32 (float64 stays float64), returned in ``x``'s dtype. ``bits >= 16``
+    returns ``x`` unchanged. ``arith``: see the module docstring."""
     if bits >= FULL:
         return x
     qmax = 2 ** (bits - 1) - 1
     dt = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(dt)
-    amax = xf.detach().abs().amax(dim=dim, keepdim=True)
-    if arith == "paper":
+    ax = xf.detach().abs()
+    amax = ax.amax() if dim is None else ax.amax(dim=dim, keepdim=True)
+    if arith == "smoothquant":
+        s = amax.clamp(min=SMOOTHQUANT_FLOOR) / qmax
+        out = torch.round(xf / s) * s
+    elif arith == "paper":
         alpha = amax / qmax
         alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))  # an all-zero slice stays zero
         out = torch.round(xf / alpha) * alpha
@@ -66,21 +81,21 @@ class _STE(torch.autograd.Function):
     ``|x| >= clip`` when a clip is given (the reference code's rule)."""
 
     @staticmethod
-    def forward(ctx, x, bits, dim, arith, clip):  # noqa: D102
+    def forward(ctx, x, bits, dim, arith, clip):
         ctx.clip = clip
         if clip is not None:
             ctx.save_for_backward(x)
         return sym_minmax_fake_quant(x, bits, dim, arith)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         if ctx.clip is None:
             return grad, None, None, None, None
         (x,) = ctx.saved_tensors
         return grad * (x.abs() < ctx.clip).to(grad.dtype), None, None, None, None
 
 
-def ste_fake_quant(x: torch.Tensor, bits: int, dim: int = -1, arith: str = "paper",
+def ste_fake_quant(x: torch.Tensor, bits: int, dim: int | None = -1, arith: str = "paper",
                    ste_clip: float | None = None) -> torch.Tensor:
     """:func:`sym_minmax_fake_quant` with a straight-through gradient (identity when ``bits >= 16``)."""
     if bits >= FULL:
@@ -134,7 +149,9 @@ class QATSpec:
         w_bits: weight bits (per output channel); 16 = not quantized.
         a_bits: input-activation bits (per token); 16 = not quantized.
         out_bits: output bits (per token), used for k_proj / v_proj = the KV cache; 16 = off.
-        arith: ``paper`` (Eq. 3) or ``code`` (the reference implementation's epsilons).
+        arith: ``paper`` (Eq. 3), ``code`` (the reference implementation's epsilons) or ``smoothquant``
+            (SmoothQuant's A8: a 1e-5 floor on the range).
+        a_granularity: input scales ``per_token`` (LLM-QAT; SmoothQuant's Llama setting) or ``per_tensor``.
         ste_clip: ``None`` (plain STE) or the reference code's fixed gradient bound (2.0).
         w_quant: ``minmax`` (Eq. 3, the paper's choice) or ``statsq`` (clipped at ``statsq_k * mean|W|``).
         a_quant: ``minmax`` (Eq. 3) or ``lsq`` (learned step size; needs training to mean anything).
@@ -145,6 +162,7 @@ class QATSpec:
     a_bits: int = FULL
     out_bits: int = FULL
     arith: str = "paper"
+    a_granularity: str = "per_token"
     ste_clip: float | None = None
     w_quant: str = "minmax"
     a_quant: str = "minmax"
@@ -157,6 +175,8 @@ class QATSpec:
             raise ValueError(f"w_quant must be one of {W_QUANTS}, got {self.w_quant!r}")
         if self.a_quant not in A_QUANTS:
             raise ValueError(f"a_quant must be one of {A_QUANTS}, got {self.a_quant!r}")
+        if self.a_granularity not in GRANULARITIES:
+            raise ValueError(f"a_granularity must be one of {GRANULARITIES}, got {self.a_granularity!r}")
 
 
 class QATLinear(nn.Linear):
@@ -168,6 +188,8 @@ class QATLinear(nn.Linear):
     LSQ's initialisation ``2 mean|x| / sqrt(2^(N-1) - 1)`` (``act_step_ready`` records that it was)."""
 
     spec: QATSpec
+    act_step: nn.Parameter
+    act_step_ready: torch.Tensor
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QATSpec) -> QATLinear:
@@ -189,7 +211,7 @@ class QATLinear(nn.Linear):
                     self.act_step.fill_(2 * x.detach().abs().float().mean() / math.sqrt(2 ** (s.a_bits - 1) - 1))
                     self.act_step_ready.fill_(True)
             return lsq_fake_quant(x, self.act_step, s.a_bits)
-        return ste_fake_quant(x, s.a_bits, -1, s.arith, s.ste_clip)
+        return ste_fake_quant(x, s.a_bits, -1 if s.a_granularity == "per_token" else None, s.arith, s.ste_clip)
 
     def _quant_weight(self) -> torch.Tensor:
         s = self.spec
@@ -209,8 +231,8 @@ class QATLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"{super().extra_repr()}, w{s.w_bits} ({s.w_quant}) a{s.a_bits} ({s.a_quant}) out{s.out_bits}, "
-                f"{s.arith}, ste_clip={s.ste_clip}")
+        return (f"{super().extra_repr()}, w{s.w_bits} ({s.w_quant}) a{s.a_bits} ({s.a_quant}, {s.a_granularity}) "
+                f"out{s.out_bits}, {s.arith}, ste_clip={s.ste_clip}")
 
 
 def kv_linear_names(model: nn.Module) -> set[str]:
@@ -222,7 +244,7 @@ def kv_linear_names(model: nn.Module) -> set[str]:
 
 
 def swap_wakv(model: nn.Module, targets: list[str], kv_names: set[str], w_bits: int, a_bits: int, kv_bits: int,
-              **spec: object) -> list[str]:
+              **spec: Any) -> list[str]:
     """Swap Linears for :class:`QATLinear` sharing their parameters: every name in ``targets`` gets
     weights at ``w_bits`` and inputs at ``a_bits``; every name in ``kv_names`` (k_proj / v_proj, targets
     or not: the KV cache is quantized wherever its weights are) gets outputs at ``kv_bits``. ``spec``:
@@ -246,7 +268,7 @@ def swap_wakv(model: nn.Module, targets: list[str], kv_names: set[str], w_bits: 
     return done
 
 
-def _is_plain_hf_linear(mod: nn.Module) -> bool:
+def _is_plain_hf_linear(mod: nn.Module) -> TypeGuard[nn.Linear]:
     """An ``nn.Linear`` subclass that adds no forward of its own (none of quantlab's swapped layers)."""
     return isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward
 
@@ -256,3 +278,22 @@ def swap_qat(model: nn.Module, names: list[str], kv_names: set[str], w_bits: int
     """:func:`swap_wakv` over ``names`` whose k/v members are in ``kv_names`` (the QAT student)."""
     return swap_wakv(model, names, set(kv_names) & set(names), w_bits, a_bits, kv_bits, arith=arith,
                      ste_clip=ste_clip)
+
+
+def swap_act_quant(model: nn.Module, names: Iterable[str], act_bits: int = 8, granularity: str = "per_token") -> list[str]:
+    """SmoothQuant's A8: swap each named Linear for a :class:`QATLinear` whose input is fake-quantized to
+    ``act_bits`` (``arith="smoothquant"``, dynamic, ``granularity`` scales) and whose weight is left as it
+    is. Layers already swapped with that spec are skipped; returns the swapped names."""
+    from quantlab.nn.swap import replace_module
+
+    spec = QATSpec(a_bits=act_bits, arith="smoothquant", a_granularity=granularity)
+    done = []
+    for name in names:
+        mod = model.get_submodule(name)
+        if isinstance(mod, QATLinear) and mod.spec == spec:
+            continue
+        if not _is_plain_hf_linear(mod):
+            raise TypeError(f"{name} is a {type(mod).__name__}, not a plain nn.Linear")
+        replace_module(model, name, QATLinear.from_linear(mod, spec))
+        done.append(name)
+    return done

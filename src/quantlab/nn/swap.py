@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
+from typing import cast
 
 import torch
 from torch import nn
@@ -50,8 +51,8 @@ def dense_weight(mod: nn.Module) -> torch.Tensor:
     if qs is not None:
         from bitsandbytes import functional as F
 
-        return F.dequantize_4bit(mod.weight.data, qs)
+        return F.dequantize_4bit(cast(torch.Tensor, mod.weight).data, qs)
     scb = getattr(mod.weight, "SCB", None)
     if mod.weight.dtype == torch.int8 and scb is not None:
         return mod.weight.data.float() * (scb.float()[:, None] / 127)
-    return mod.weight
+    return cast(torch.Tensor, mod.weight)

@@ -1,19 +1,18 @@
 """Quantizer interface and registry.
 
 A method is a frozen config dataclass (inspectable, serializable, validated in ``__post_init__``)
-plus a :class:`Quantizer` subclass registered under the method's name. The pipeline builds the
+plus a :class:`Quantizer` subclass registered under the method's name. The run builds the
 quantizer from the config object's type (:func:`build_quantizer`); the quantizer never reads Hydra
 config, globals or environment variables, and writes files only below ``ctx.output_dir``.
 
-Adding a method touches three files: ``quantizers/<name>.py``, ``conf/quantizer/<name>.yaml`` and
-``tests/test_quantizer_<name>.py`` (see README, "Adding a quantizer").
+Adding a method touches three files: ``quantizers/<name>.py``, ``conf/quantizer/<name>.yaml`` (extending
+``_base.yaml``) and ``tests/test_<name>.py`` (README, "Adding a method").
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -21,9 +20,8 @@ from torch import nn
 
 from quantlab.errors import ConfigError
 from quantlab.formats.spec import QuantFormat
-from quantlab.formats.wakv import FULL, WAKV
+from quantlab.formats.wakv import WAKV
 from quantlab.models.mappings import ArchMapping, get_mapping
-from quantlab.nn.qat import kv_linear_names, swap_wakv
 from quantlab.nn.swap import iter_linears
 from quantlab.registry import Registry
 from quantlab.types import CalibData, QuantResult, RunContext
@@ -54,11 +52,9 @@ class QuantizerConfig:
         include: glob patterns on module names selecting Linears to quantize (default: all).
         exclude: glob patterns removed from the selection (default: ``lm_head``, kept in full
             precision as in GPTQ, AWQ and the SmoothQuant+ vLLM fork).
-        wakv: LLM-QAT's ``W-A-KV`` bits (``4-8-4``; 16 = full precision), or None. For a PTQ method the
-            method quantizes the weights to W bits (W replaces ``format.bits``), then every selected
-            Linear's input is fake-quantized per token to A bits and every k_proj / v_proj output (the
-            KV cache) per token to KV bits, with LLM-QAT's symmetric MinMax (Eq. 3): the PTQ rows of the
-            LLM-QAT tables. ``quantizer=none`` takes ``16-A-KV``.
+        wakv: LLM-QAT's ``W-A-KV`` bits (``4-8-4``; 16 = full precision), or None: activation and KV-cache
+            fake quantization composed after the method (:mod:`quantlab.wakv_step`); W must equal
+            ``format.bits``, which it never changes.
     """
 
     include: tuple[str, ...] = ("*",)
@@ -88,9 +84,9 @@ class QuantizerConfig:
             object.__setattr__(self, "wakv", str(setting))
             fmt = getattr(self, "format", None)
             if isinstance(fmt, QuantFormat) and setting.quantizes_weights and fmt.bits != setting.w_bits:
-                if fmt.is_codebook:
-                    raise ConfigError("quantizer.wakv", f"W={setting.w_bits} bits, but the format is the 4-bit {fmt.kind} codebook")
-                object.__setattr__(self, "format", dataclasses.replace(fmt, bits=setting.w_bits))
+                what = f"the 4-bit {fmt.kind} codebook" if fmt.is_codebook else f"quantizer.format.bits={fmt.bits}"
+                raise ConfigError("quantizer.wakv", f"W={setting.w_bits} bits, but {what}: W-A-KV never changes the "
+                                  "weight format; set the format's bits to W (presets: bits: ${wakv_w:${quantizer.wakv},4})")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,10 +138,10 @@ class Quantizer(ABC, Generic[C]):
     #: format kinds this method can quantize to (``QuantFormat.kind``)
     supported_kinds: ClassVar[tuple[str, ...]] = ("int",)
     #: True when the loader applies the method (``from_pretrained(quantization_config=...)``):
-    #: the harness calls :meth:`prepare` and passes :meth:`load_config` to the loader
+    #: the run (:mod:`quantlab.experiment`) calls :meth:`prepare` and passes :meth:`load_config` to the loader
     quantizes_at_load: ClassVar[bool] = False
-    #: True when :meth:`quantize` applies ``config.wakv`` itself (LLM-QAT); otherwise :meth:`apply`
-    #: adds the activation and KV fake quantization after the method
+    #: True when :meth:`quantize` applies ``config.wakv`` itself (LLM-QAT); otherwise the W-A-KV step
+    #: (:mod:`quantlab.wakv_step`) adds the activation and KV fake quantization after the method
     applies_wakv: ClassVar[bool] = False
     #: True when, with ``ctx.keep_codes``, :meth:`quantize` returns every quantized Linear's integer codes
     #: (:attr:`QuantResult.codes`): the run can be packed and exported (:mod:`quantlab.deploy`)
@@ -168,21 +164,20 @@ class Quantizer(ABC, Generic[C]):
         text = f"{self.name} {self.format_label()}" if fmt is not None else self.name
         return f"{text} {self.config.wakv}" if self.config.wakv else text
 
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage bits per weight of a quantized Linear with ``in_features`` inputs (the format's; a method
+        that stores more per group, e.g. HQQ's float zero points, says so here)."""
+        fmt = self.format
+        if fmt is None:
+            raise ValueError(f"{self.name} has no weight format")
+        return fmt.bits_per_weight(in_features)
+
     def format_label(self) -> str | None:
         """The format's short name, with the zero convention or symmetric grid where it departs from this
         method's own (``w4g64a:awq-zero`` for GPTQ on AWQ's convention); None without a format."""
         fmt = self.format
         cfg = type(self.config)
         return None if fmt is None else fmt.short_name(cfg.default_zero_in_range, cfg.default_symmetric_grid)
-
-    def wakv_setting(self) -> WAKV:
-        """The run's W-A-KV bits: ``config.wakv`` when set, else what the method does (weights at the
-        format's bits, activations at ``act_bits`` for SmoothQuant, no KV quantization)."""
-        if self.config.wakv:
-            return WAKV.parse(self.config.wakv)
-        fmt = self.format
-        act = getattr(self.config, "act_bits", None)
-        return WAKV(fmt.bits if fmt is not None else FULL, act if act is not None else FULL, FULL)
 
     def prepare(self, device: torch.device, model_dtype: torch.dtype) -> None:
         """Load-time methods: fail before loading when the method cannot run on ``device``."""
@@ -222,34 +217,6 @@ class Quantizer(ABC, Generic[C]):
                 )
             for name, mod in targets:
                 fmt.check_layer(name, mod.in_features)
-        if self.config.wakv:
-            self._validate_wakv(model)
-
-    def _validate_wakv(self, model: nn.Module) -> None:
-        setting = WAKV.parse(self.config.wakv)
-        if self.quantizes_at_load:
-            raise ConfigError("quantizer.wakv", f"{self.name} layers are not nn.Linear: no W-A-KV fake quantization")
-        if self.is_identity and setting.quantizes_weights:
-            raise ConfigError("quantizer.wakv", f"quantizer=none keeps weights in full precision: W must be 16, got {setting}")
-        if not self.is_identity and not setting.quantizes_weights and not self.applies_wakv:
-            raise ConfigError("quantizer.wakv", f"W=16 leaves weights unquantized: use quantizer=none with wakv={setting}")
-        if setting.quantizes_kv:
-            kv_linear_names(model)  # an architecture without a KV mapping fails here, before any work
-
-    def apply(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
-        """:meth:`quantize`, then ``config.wakv``'s activation and KV-cache fake quantization (PTQ rows of
-        the LLM-QAT tables) unless the method applies it itself. The result's summary gets ``wakv``."""
-        names = [n for n, _ in self.target_linears(model)]
-        result = self.quantize(model, calib, ctx)
-        setting = self.wakv_setting()
-        if self.config.wakv and not self.applies_wakv:
-            kv = kv_linear_names(result.model) if setting.quantizes_kv else set()
-            swapped = swap_wakv(result.model, names, kv, FULL, setting.a_bits, setting.kv_bits)
-            result.summary["wakv_swapped"] = len(swapped)
-            log.info("W-A-KV %s: activations at %d bits, KV cache at %d bits on %d Linears", setting,
-                     setting.a_bits, setting.kv_bits, len(swapped))
-        result.summary["wakv"] = str(setting)
-        return result
 
     @abstractmethod
     def quantize(self, model: nn.Module, calib: CalibData | None, ctx: RunContext) -> QuantResult:
@@ -302,6 +269,3 @@ def build_quantizer(config: QuantizerConfig) -> Quantizer:
     """Instantiate the registered quantizer for ``config``."""
     return quantizer_class(config)(config)
 
-
-def config_fields(config: QuantizerConfig) -> list[str]:
-    return [f.name for f in fields(config)]

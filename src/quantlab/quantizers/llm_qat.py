@@ -39,7 +39,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -83,7 +83,8 @@ class LLMQATConfig(QuantizerConfig):
         wakv: ``W-A-KV`` bits, e.g. ``4-8-4`` (Tables 1-2 use 4-8-4, 4-8-8, 4-6-16, 4-8-16, 4-16-16,
             8-8-4, 8-8-8, 8-8-16).
         format: the weight format, fixed by the method: per output channel, symmetric, W bits
-            (derived from ``wakv``; given only so that Hydra's format group composes).
+            (derived from ``wakv``; given only so that Hydra's format group composes; bits other than W
+            are an error, never overwritten).
         arith: ``paper`` (Eq. 3) or ``code`` (the public code's ``s = qmax / (max + 1e-6)``).
         ste_clip: ``null`` (plain straight-through estimator) or 2.0 (the public code's fixed window).
         w_quant: ``minmax`` (the paper's) or ``statsq`` (Table 4's clipping arm for weights).
@@ -151,7 +152,7 @@ def teacher_fingerprint(model: nn.Module) -> str:
     the generated-data cache, so data made by one checkpoint is never reused for another."""
     stats = {n: (list(p.shape), float(p.detach().double().sum()), float(p.detach().double().abs().sum()))
              for n, p in model.named_parameters()}
-    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else str(model.config)
+    cfg = cast(Any, model.config).to_dict() if hasattr(model.config, "to_dict") else str(model.config)
     return fingerprint({"config": cfg, "params": stats})
 
 

@@ -42,10 +42,11 @@ from quantlab.algorithms.alpha_search import LOSSES, SearchResult, plot_alpha_se
 from quantlab.calib.sequential import Tokens
 from quantlab.calib.stats import collect_group_absmax
 from quantlab.errors import ConfigError
+from quantlab.formats.codes import QuantizedWeight
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping
 from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
-from quantlab.quantizers.smoothquant import (
+from quantlab.quantizers.smoothing_steps import (
     check_alpha,
     load_saved_scales,
     smooth_and_quantize,
@@ -192,7 +193,7 @@ class SmoothQuantPlusQuantizer(BlockwiseQuantizer[SmoothQuantPlusConfig]):
                 stats = collect_group_absmax(model, mapping, calib.tokens, device=ctx.device, batch_size=cfg.batch_size)
                 summary["stats_s"] = round(time.perf_counter() - t0, 3)
             scales_fn = stats_scales(stats, alpha)
-        codes = {} if ctx.keep_codes else None
+        codes: dict[str, QuantizedWeight] | None = {} if ctx.keep_codes else None
         scales, ref_w = smooth_and_quantize(model, mapping, groups_fn, targets, cfg.format, ctx.device, scales_fn,
                                             keep_reference=ctx.keep_reference_weights, codes=codes)
         summary.update({"alpha": alpha, "n_layers": len(targets), "weight_format": cfg.format.short_name(),
