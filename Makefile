@@ -15,7 +15,7 @@ EXTRAS ?= dev,lmeval,bnb,triton
 PYTEST_ARGS ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup toolchains demo demo-tiny test test-slow test-all report fetch-model selfcheck bench-generation clean-venv
+.PHONY: setup toolchains demo demo-tiny test test-slow test-all lint report fetch-model selfcheck bench-generation clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ demo-tiny: setup
 # Offline CPU suite. pytest exits 5 when it collects no test: that fails here, as it should.
 test: setup toolchains
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# ruff (rules in pyproject.toml: a noqa names an enabled rule) and mypy over src/ (config in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy
 
 test-slow: setup toolchains
 	$(BIN)/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)

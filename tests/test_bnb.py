@@ -7,16 +7,17 @@ import pytest
 import torch
 from conftest import compose
 
+from quantlab.cli import build_spec, run
 from quantlab.errors import ConfigError
+from quantlab.experiment import execute
 from quantlab.formats.nf4 import fake_quantize_codebook
 from quantlab.formats.spec import QuantFormat
 from quantlab.generation import DecodingConfig, GenRequest, generate
-from quantlab.harness import execute
 from quantlab.metrics.footprint import model_footprint
 from quantlab.models.loaders import ModelConfig, load_model
 from quantlab.models.tiny import build_tiny_llama
-from quantlab.pipeline import build_spec, run
 from quantlab.quantizers.bnb import BnbConfig, BnbQuantizer
+from quantlab.tracking.record import new_record
 from quantlab.tracking.variant import make_variant
 
 try:
@@ -199,9 +200,9 @@ def test_unsupported_device_fails_before_loading(monkeypatch, tmp_path):
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", broken)
     spec = build_spec(compose(["+exp=demo_tiny", "quantizer=bnb_nf4", "eval=[ppl_local]"]))
     loads = []
-    monkeypatch.setattr("quantlab.harness.load_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr("quantlab.experiment.load_model", lambda *a, **k: loads.append(a))
     with pytest.raises(ConfigError, match=r"cannot run nf4 on cpu: NotImplementedError: no kernel"):
-        execute(spec, tmp_path)
+        execute(spec, tmp_path, new_record(tmp_path))
     assert loads == []
 
 
@@ -217,8 +218,8 @@ def test_layer_diagnostics_compare_bnb_layers_with_a_separate_fp_load(tmp_path):
     errs = {}
     for q in ("bnb_nf4", "nf4_ref"):
         spec = build_spec(compose(["+exp=demo_tiny", f"quantizer={q}", "eval=[layer_error]"]))
-        out = execute(spec, tmp_path / q)
-        errs[q] = {r["layer"]: r["rel_weight_error"] for r in out.tables["layer_diagnostics"]}
+        extras = execute(spec, tmp_path / q, new_record(tmp_path / q))
+        errs[q] = {r["layer"]: r["rel_weight_error"] for r in extras.tables["layer_diagnostics"]}
     assert len(errs["bnb_nf4"]) == 14 and errs["bnb_nf4"].keys() == errs["nf4_ref"].keys()
     for name, e in errs["nf4_ref"].items():
         assert errs["bnb_nf4"][name] == pytest.approx(e, rel=1e-6), name

@@ -244,8 +244,9 @@ def test_calibration_on_the_eval_set_is_flagged(tmp_path, monkeypatch, calib, fl
     """SmoothQuant+ calibrated on the HumanEval prompts and evaluated on HumanEval: the record says so."""
     from conftest import compose
 
-    from quantlab.harness import execute
-    from quantlab.pipeline import build_spec
+    from quantlab.cli import build_spec
+    from quantlab.experiment import execute
+    from quantlab.tracking.record import new_record
 
     monkeypatch.setenv("QUANTLAB_RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(runner_mod, "generate", InstructReplies({}))
@@ -254,7 +255,8 @@ def test_calibration_on_the_eval_set_is_flagged(tmp_path, monkeypatch, calib, fl
                                "eval=[humaneval,ppl_local]", "eval.humaneval.limit=1", "eval.humaneval.workers=1",
                                "eval.ppl_local.max_windows=1"]))
     (tmp_path / "run").mkdir()
-    out = execute(spec, tmp_path / "run")
+    out = new_record(tmp_path / "run")
+    execute(spec, tmp_path / "run", out)
     assert out.calib.get("calibrated_on_eval_set", []) == (["humaneval"] if flagged else [])
     assert out.provenance["humaneval/pass@1"].get("calibrated_on_eval_set", False) is flagged
     assert "calibrated_on_eval_set" not in out.provenance["ppl/local_stdlib"]  # stdlib text is not HumanEval

@@ -7,9 +7,9 @@ import torch
 from conftest import CONF
 from hydra import compose, initialize_config_dir
 
+from quantlab.cli import build_spec
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
-from quantlab.pipeline import build_spec
 from quantlab.quantizers.base import build_quantizer
 
 

@@ -36,7 +36,7 @@ def _quantized(quantizer, tmp_path, calib=True):
     model, tok = build_tiny_llama()
     ctx = cpu_ctx(tmp_path)
     ctx.keep_codes = True
-    res = quantizer.apply(model, random_calib() if calib else None, ctx)
+    res = quantizer.quantize(model, random_calib() if calib else None, ctx)
     return model, tok, res
 
 

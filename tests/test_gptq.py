@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_ctx as _ctx  # noqa: E402,I001
 from conftest import as_sequences as _as_sequences
+from conftest import cpu_ctx as _ctx
 from conftest import random_calib as _calib
 from conftest import varlen_calib as _varlen_calib
 

@@ -20,7 +20,7 @@ from quantlab.errors import ConfigError, DataError
 from quantlab.evals.base import EVALUATORS
 from quantlab.evals.lm_eval_tasks import LmEvalTasks, _metric_names, load_local_jsonl
 from quantlab.models.tiny import build_tiny_llama
-from quantlab.nn.act_quant import ActQuantLinear, swap_act_quant
+from quantlab.nn.qat import QATLinear, swap_act_quant
 from quantlab.nn.swap import iter_linears
 
 pytest.importorskip("lm_eval")
@@ -100,7 +100,7 @@ def test_preset_runs_with_provenance_and_group_table(model_tok, tmp_path):
 def test_acc_equals_independent_scoring_on_fake_quant_model(tmp_path):
     model, tok = build_tiny_llama()
     swap_act_quant(model, [n for n, _ in iter_linears(model)], act_bits=4)  # quantlab's fake-quant Linears
-    assert isinstance(model.model.layers[0].mlp.up_proj, ActQuantLinear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QATLinear)
     ev = LmEvalTasks(name="t", tasks=("quantlab_tiny_mc", "quantlab_tiny_yesno"), include_path=LOCAL,
                      bootstrap_iters=0)
     res = ev.run(model, tok, cpu_ctx(tmp_path))

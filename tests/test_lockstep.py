@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cpu_ctx as _ctx  # noqa: I001
+from conftest import cpu_ctx as _ctx
 from conftest import random_calib as _calib
 from torch import nn
 from transformers import LlamaConfig

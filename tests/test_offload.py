@@ -57,8 +57,8 @@ def test_offloaded_quantization_equals_in_memory(tmp_path, method):
     fp = _weights(mem.model)
     assert all(torch.equal(fp[n], w) for n, w in _weights(off.model).items())  # same checkpoint
 
-    build_quantizer(CASES[method]).apply(mem.model, calib, cpu_ctx(tmp_path / "m"))
-    build_quantizer(CASES[method]).apply(off.model, calib, cpu_ctx(tmp_path / "o"))
+    build_quantizer(CASES[method]).quantize(mem.model, calib, cpu_ctx(tmp_path / "m"))
+    build_quantizer(CASES[method]).quantize(off.model, calib, cpu_ctx(tmp_path / "o"))
 
     q_mem, q_off = _weights(mem.model), _weights(off.model)
     assert q_mem.keys() == q_off.keys()

@@ -1,5 +1,5 @@
 """Paired statistics (bootstrap, exact McNemar) against independent references, and the per-item plumbing:
-EvalResult -> RunOutcome -> RunRecord, perplexity's per-window data (metric bits unchanged)."""
+EvalResult -> RunRecord, perplexity's per-window data (metric bits unchanged)."""
 from __future__ import annotations
 
 import itertools
@@ -15,7 +15,7 @@ import torch
 
 from quantlab.errors import ConfigError
 from quantlab.evals.perplexity import IGNORE_INDEX, PerplexityEval, _forward_logits, nll_of_window
-from quantlab.harness import RunOutcome, _merge_eval
+from quantlab.experiment import RunExtras, _merge_eval
 from quantlab.metrics.paired import (
     binom_half_cdf_exact,
     is_binary,
@@ -24,7 +24,6 @@ from quantlab.metrics.paired import (
     paired_bootstrap_ppl,
 )
 from quantlab.models.tiny import build_tiny_llama
-from quantlab.pipeline import _fill
 from quantlab.tracking.record import RunRecord, read_record, write_record
 from quantlab.types import EvalResult, RunContext
 
@@ -182,16 +181,14 @@ def test_bootstrap_input_errors():
 
 
 def test_merge_eval_per_item_and_duplicates():
-    out = RunOutcome()
+    rec = RunRecord(run_id="r", status="ok", experiment="e", output_dir=".", started_at="t")
     ev = SimpleNamespace(kind="humaneval")
     res = EvalResult(metrics={"humaneval/pass@1": 0.5}, per_item={"humaneval/pass@1": {"HumanEval/0": 1.0}})
-    _merge_eval(out, ev, res, 1.0)
-    assert out.per_item == {"humaneval/pass@1": {"HumanEval/0": 1.0}}
+    _merge_eval(rec, RunExtras(), ev, res, 1.0)
+    assert rec.per_item == {"humaneval/pass@1": {"HumanEval/0": 1.0}}
     with pytest.raises(ConfigError, match="per-item"):
-        _merge_eval(out, ev, EvalResult(per_item={"humaneval/pass@1": {}}), 1.0)
-    rec = RunRecord(run_id="r", status="ok", experiment="e", output_dir=".", started_at="t")
-    _fill(rec, out)
-    assert rec.per_item == out.per_item
+        _merge_eval(rec, RunExtras(), ev, EvalResult(per_item={"humaneval/pass@1": {}}), 1.0)
+    assert rec.metrics == {"humaneval/pass@1": 0.5}
 
 
 def test_record_per_item_roundtrip_old_records_and_calib_flag(tmp_path: Path):
@@ -272,7 +269,7 @@ def test_perplexity_per_window_data_and_unchanged_metric(tmp_path, protocol, str
 def test_pipeline_records_windows_and_report_pairs_them(tmp_path):
     from conftest import compose
 
-    from quantlab.pipeline import run
+    from quantlab.cli import run
     from quantlab.tracking.paired_table import paired_tables
     from quantlab.tracking.report import collect
 

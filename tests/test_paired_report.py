@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 
 from quantlab.metrics.paired import paired_bootstrap_mean_diff, paired_bootstrap_ppl
-from quantlab.tracking.paired_table import (WITHIN_NOISE, compare_items, format_paired, paired_tables,
-                                            same_protocol)
+from quantlab.tracking.paired_table import WITHIN_NOISE, compare_items, format_paired, paired_tables, same_protocol
 from quantlab.tracking.paper_tables import CALIB_FOOTNOTE, paper_tables
 from quantlab.tracking.record import RunRecord, write_record
 from quantlab.tracking.report import collect, main, print_tables, summary_table, to_frame

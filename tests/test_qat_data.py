@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import compose
 
+from quantlab.cli import build_spec
 from quantlab.errors import ConfigError
-from quantlab.pipeline import build_spec
 from quantlab.qat.datagen import SEQUENCES, DataGenConfig, generate_data
 from quantlab.tracking.variant import make_variant
 

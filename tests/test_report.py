@@ -203,3 +203,12 @@ def test_print_report_callback_in_real_hydra_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "12.5000" in proc.stdout and "awq" in proc.stdout and "none" not in proc.stdout
     assert (tmp_path / "out/run/result.json").is_file() and "PrintReport" not in proc.stderr
+
+
+def test_method_labels_without_a_format_column_fall_back_to_the_quantizer():
+    import pandas as pd
+
+    from quantlab.tracking.cells import method_labels
+
+    df = pd.DataFrame({"quantizer": ["rtn", None]})
+    assert list(method_labels(df)) == ["rtn", "?"]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import compose
 
-from quantlab.pipeline import run
+from quantlab.cli import run
 from quantlab.tracking.paper_tables import paper_tables
 from quantlab.tracking.report import collect, main, summary_table, to_frame
 
@@ -92,7 +92,7 @@ def test_sweep_plots_and_tables_reach_the_experiment_tracker(tmp_path, monkeypat
             seen.update(tables=set(tables), images=dict(images or {}))
 
     monkeypatch.setenv("QUANTLAB_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setattr("quantlab.pipeline.make_tracker", lambda cfg: Recording())
+    monkeypatch.setattr("quantlab.experiment.make_tracker", lambda cfg: Recording())
     grid = ["eval=[sampling]", "eval.sampling.temperatures=[1.0]", "eval.sampling.top_ks=[5]",
             "eval.sampling.max_new_tokens=[4]"]
     rec = run(compose(["+exp=demo_tiny", "quantizer=bnb_fp4", *grid]), tmp_path / "run")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import compose
 
+from quantlab.cli import build_spec
 from quantlab.errors import ConfigError
 from quantlab.evals.sampling.grid import PAPER_MAX_NEW_TOKENS, SamplingGrid, cell_seed
 from quantlab.evals.sampling.prompts import ROY2023, load_prompts
 from quantlab.evals.sampling.sweep import CALLS, SamplingSweep
 from quantlab.metrics.duplicates import duplicate_content_words
-from quantlab.pipeline import build_spec
 from quantlab.types import RunContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")

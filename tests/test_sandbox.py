@@ -234,11 +234,17 @@ def test_no_network(mode):
 
 # --------------------------------------------------------------------------------------------- sandbox object
 def test_run_many_is_parallel_and_ordered(mode):
-    progs = [py(f"import time\ntime.sleep(0.5)\nprint({i})") for i in range(6)]
-    t0 = time.monotonic()
+    """Results come back in input order, and programs really run at once: each reports when its sleep
+    started and ended (CLOCK_MONOTONIC, shared by every process), and some intervals overlap. No
+    wall-clock threshold: a loaded machine slows every program but cannot make them run one by one."""
+    progs = [py(f"import time\na = time.monotonic()\ntime.sleep(0.5)\nprint({i}, a, time.monotonic())")
+             for i in range(6)]
     res = box(mode, workers=3).run_many(progs, desc="sandbox test")
-    assert [r.last.stdout for r in res] == [f"{i}\n" for i in range(6)]
-    assert time.monotonic() - t0 < 2.9  # serial >= 3.0 s; measured 1.2-1.5 s with 3 workers
+    rows = [r.last.stdout.split() for r in res]
+    assert [int(row[0]) for row in rows] == list(range(6))
+    spans = [(float(a), float(b)) for _, a, b in rows]
+    overlapping = max(sum(a < end and start < b for a, b in spans) for start, end in spans)  # self included
+    assert overlapping >= 2
 
 
 def test_describe_is_stable_provenance(mode):
@@ -291,11 +297,9 @@ def test_all_164_canonical_solutions_pass(monkeypatch):
     if sb.isolation == "none":
         _python_for_none_mode(monkeypatch)
     problems = load_problems()
-    t0 = time.monotonic()
     res = sb.run_many([check_program(p, p["canonical_solution"]) for p in problems])
     assert len(problems) == 164
     assert [p["task_id"] for p, r in zip(problems, res) if not (r.ok and r.finished)] == []
-    assert time.monotonic() - t0 < 60  # measured 3.5-3.7 s (idle) to 12-14 s (load ~14), 2 workers, 2 cores
 
 
 @pytest.mark.slow

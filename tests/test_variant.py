@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from quantlab.harness import calibration_needed
-from quantlab.pipeline import build_spec
+from quantlab.cli import build_spec
+from quantlab.experiment import calibration_needed
 from quantlab.tracking import report
 from quantlab.tracking.llmqat_tables import llmqat_table2
 from quantlab.tracking.paper_tables import paper_tables, table1

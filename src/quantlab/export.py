@@ -36,8 +36,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, device: str =
     """Rebuild the quantized model of ``run_dir`` and write it as a ``fmt`` checkpoint into ``out_dir``."""
     from omegaconf import OmegaConf
 
+    from quantlab.cli import build_spec
     from quantlab.models.loaders import load_model
-    from quantlab.pipeline import build_spec
     from quantlab.quantizers.base import build_quantizer
     from quantlab.types import RunContext
 
@@ -63,7 +63,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, device: str =
     with tempfile.TemporaryDirectory(prefix="quantlab-export-") as tmp:
         ctx = RunContext(device=loaded.device, seed=spec.seed, output_dir=Path(tmp), tokenizer=loaded.tokenizer,
                          keep_codes=True, method_label=label)
-        result = quantizer.apply(loaded.model, None, ctx)
+        result = quantizer.quantize(loaded.model, None, ctx)  # no W-A-KV: check_packable refuses it
     if result.codes is None:
         raise RuntimeError(f"{quantizer.name} returned no codes")
     deploy = summary.get("deploy") or {}

@@ -1,6 +1,6 @@
 """Typed objects passed between the pipeline, quantizers and evaluators.
 
-Below :mod:`quantlab.pipeline` nothing sees Hydra/OmegaConf: only these dataclasses.
+Below :mod:`quantlab.cli` nothing sees Hydra/OmegaConf: only these dataclasses.
 """
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ import torch
 from quantlab.calib.token_file import token_file_calib
 from quantlab.data.text import (
     HUB_SPLITS,
-    encode_text,
     awq_doc_blocks,
+    encode_text,
     encode_texts,
     gptq_doc_windows,
     humaneval_prompts,

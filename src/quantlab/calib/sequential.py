@@ -40,7 +40,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -58,6 +58,7 @@ from quantlab.errors import DataError
 from quantlab.models.mappings import ArchMapping
 from quantlab.models.offload import execution_device, is_offloaded, materialized
 from quantlab.utils.memory import bounded_heap, release_freed_memory
+from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def on_device(modules: Sequence[nn.Module], device: torch.device, *, writeback: 
         return
     homes = []
     for m in modules:
-        p = next(iter(m.parameters()), None)
+        p: torch.Tensor | None = next(iter(m.parameters()), None)
         p = p if p is not None else next(iter(m.buffers()), None)
         homes.append(p.device if p is not None else device)
         m.to(device)
@@ -177,7 +178,7 @@ def capture_block_inputs(
         batch_size: sequences per chunk (None: the model's activation budget).
         chunks: a ready plan (e.g. :func:`first_sequences` of another).
     """
-    plan = list(chunks) if chunks is not None else model_plan(model, tokens, batch_size)
+    plan = list(chunks) if chunks is not None else model_plan(model, cast(Tokens, tokens), batch_size)
     first = mapping.blocks(model)[0]
     data = BlockData(hidden=[], index=[c.index for c in plan])
 
@@ -241,6 +242,10 @@ class BlockContext:
     def module(self, rel: str) -> nn.Module:
         """Submodule by name relative to the block."""
         return self.block.get_submodule(rel)
+
+    def linear(self, rel: str) -> nn.Linear:
+        """:meth:`module` typed as the Linear that it is (not checked)."""
+        return get_linear(self.block, rel)
 
     def full_name(self, rel: str) -> str:
         """Model-level name of a block submodule, e.g. ``model.layers.3.mlp.up_proj``."""

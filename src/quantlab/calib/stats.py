@@ -9,7 +9,7 @@ batches, so the maximum runs over exactly the real tokens of every sequence.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ def collect_group_absmax(
             stats[key] = m if key not in stats else torch.maximum(stats[key], m)
 
         # one pass: statistics and the block's (unmodified, full-precision) outputs for the next block
-        return ctx.collect(list(groups), on_input, early_exit=False)
+        return cast(list[torch.Tensor], ctx.collect(list(groups), on_input, early_exit=False))  # never None
 
     run_sequential(model, mapping, tokens, per_block, device=device, batch_size=batch_size, propagate="quantized",
                    desc="activation absmax", writeback=False)

@@ -34,7 +34,7 @@ def read_token_file(path: str | Path) -> torch.Tensor:
             ids = torch.from_numpy(np.load(p, allow_pickle=False))
         else:
             ids = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # numpy / torch raise many types for a corrupt or pickled file
+    except Exception as exc:  # noqa: BLE001 (numpy / torch raise many types for a corrupt or pickled file)
         raise DataError(f"calib.path: cannot read {p} as token ids ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(ids, torch.Tensor):
         raise DataError(f"calib.path: {p} holds a {type(ids).__name__}, not a tensor of token ids")

@@ -32,7 +32,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -152,12 +152,12 @@ def write_checkpoint(model: nn.Module, tokenizer: Any, codes: dict[str, Quantize
     try:
         ignore = sorted(n for n, m in model.named_modules() if _is_linear(m) and n not in codes)
         save_file(checkpoint_state(model, codes, fmt), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
+        cast(Any, model.config).save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["quantization_config"] = quantization_config(fmt, codes, ignore)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+            cast(Any, model.generation_config).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         info = {"format": fmt, "layers": len(codes), "ignore": ignore, **(meta or {})}

@@ -30,6 +30,7 @@ def triton_kernels() -> ModuleType:
     """The W4A16 Triton kernel module (``kernels/w4a16_triton.py``)."""
     path = kernels_dir() / "w4a16_triton.py"
     spec = importlib.util.spec_from_file_location("quantlab_kernels_w4a16_triton", path)
+    assert spec is not None and spec.loader is not None  # a .py path always gets a source loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

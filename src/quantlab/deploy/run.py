@@ -1,4 +1,4 @@
-"""The harness's deploy steps: exports and packing after a method ran, and packed checkpoints loaded as models."""
+"""The run's deploy steps: exports and packing after a method ran, and packed checkpoints loaded as models."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ from quantlab.deploy.export import check_export, write_checkpoint
 from quantlab.errors import ConfigError
 from quantlab.metrics.footprint import GB, model_footprint
 from quantlab.nn.packed import pack_linears, packed_modules, set_backend
+from quantlab.tracking.record import RunRecord
 from quantlab.types import EvalResult, QuantResult
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def loaded_format(model: nn.Module, pc: dict[str, Any]) -> tuple[dict[str, Any],
 
 
 def deploy_result(deploy: DeployConfig, model: nn.Module, tokenizer: Any, result: QuantResult, output_dir: Path,
-                  outcome: Any) -> dict[str, Any]:
+                  outcome: RunRecord) -> dict[str, Any]:
     """Write ``deploy.export``'s checkpoints from the method's codes, then (``deploy.pack``) replace the quantized
     Linears by packed ones. Returns the summary entries for the record."""
     codes = result.codes
@@ -62,7 +63,7 @@ def deploy_result(deploy: DeployConfig, model: nn.Module, tokenizer: Any, result
     exports = {}
     for fmt in deploy.export:
         meta = {"method_label": label, "run_dir": str(output_dir), "format_spec": outcome.format,
-                "quantizer": outcome.quantizer_name, "model": outcome.model_info.get("name")}
+                "quantizer": outcome.quantizer.get("name"), "model": outcome.model.get("name")}
         exports[fmt] = str(write_checkpoint(model, tokenizer, codes, output_dir / EXPORT_DIR / fmt, fmt, meta))
     summary: dict[str, Any] = {"pack": deploy.pack, "backend": deploy.backend if deploy.pack else None,
                                "exports": exports}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -215,7 +216,7 @@ class LayerErrorEval(Evaluator):
         lengths = ctx.calib.lengths[:n_rows]
         accs = self._collect(model, layers, ctx.fp_weights, ctx.calib.head(n_rows))
 
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, mod in layers:
             w_fp = ctx.fp_weights[name]
             acc = accs[name]
@@ -291,8 +292,12 @@ class LayerErrorEval(Evaluator):
         try:
             for name, mod in layers:
                 handles.append(mod.register_forward_hook(_make_hook(fp_weights[name], accs[name])))
-            for chunk in plan_chunks(tokens, self.batch_size):  # fixed rows: tokens.split(batch_size)
+            chunks = plan_chunks(tokens, self.batch_size)  # fixed rows: tokens.split(batch_size)
+            t0 = time.perf_counter()
+            for i, chunk in enumerate(chunks, 1):
                 model(input_ids=chunk.tokens.to(device), use_cache=False)
+                log.info("layer_error: chunk %d/%d (%d layers, %.0f s)", i, len(chunks), len(layers),
+                         time.perf_counter() - t0)
         finally:
             for h in handles:
                 h.remove()

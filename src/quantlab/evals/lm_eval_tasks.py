@@ -197,7 +197,7 @@ def _task_facts(task: str, res: Mapping[str, Any]) -> dict[str, Any]:
 def _dataset_of(tm: Any, name: str, depth: int = 0) -> str | None:
     """``dataset_path[/dataset_name]`` of a task, or of a group's / tag's first task (for error messages)."""
     entry = tm.task_index.get(name)
-    cfg = getattr(entry, "cfg", None) or {}
+    cfg: Any = getattr(entry, "cfg", None) or {}
     if cfg.get("dataset_path"):
         return "/".join(str(cfg[k]) for k in ("dataset_path", "dataset_name") if cfg.get(k))
     children = cfg.get("task") if isinstance(cfg.get("task"), list) else []

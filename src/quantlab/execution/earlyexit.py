@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 LANGUAGES: tuple[str, ...] = ("python", "java", "go", "cpp")
-_TESTS = (([1, 2, 3], 14), ([], 0), ([-2, 5], 29))
+_TESTS: tuple[tuple[list[int], int], ...] = (([1, 2, 3], 14), ([], 0), ([-2, 5], 29))
 _FAKE = "TEST-0...PASSED\\nTEST-1...PASSED\\nTEST-2...PASSED\\n"  # escaped: goes into source code
 
 

@@ -59,6 +59,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -201,7 +202,7 @@ def detect_bwrap(euid: int | None = None) -> BwrapInfo:
         with UidSlots().acquire() if is_root() else contextlib.nullcontext(None) as uid:
             if uid is not None:
                 os.chown(work, uid, uid)
-            spec = {"rlimits": [], "uid": uid, "supervise": False}
+            spec: dict[str, Any] = {"rlimits": [], "uid": uid, "supervise": False}
             argv = bwrap_argv(info, work) + launcher_argv(spec, [sys.executable, "-I", "-S", "-c", "pass"])
             r = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={"PATH": SAFE_PATH},
                                check=False, stdin=subprocess.DEVNULL)
@@ -219,7 +220,7 @@ def detect_bwrap(euid: int | None = None) -> BwrapInfo:
 def probe_netns(euid: int | None = None) -> str | None:
     """The launcher's ``netns`` kind that works here without bubblewrap (``"root"``/``"user"``), or None."""
     kind = "root" if is_root() else "user"
-    spec = {"rlimits": [], "uid": None, "supervise": True, "netns": kind}
+    spec: dict[str, Any] = {"rlimits": [], "uid": None, "supervise": True, "netns": kind}
     try:
         r = subprocess.run(launcher_argv(spec, ["true"]), capture_output=True, timeout=30, check=False,
                            env={"PATH": SAFE_PATH}, stdin=subprocess.DEVNULL)

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
+from typing import IO, cast
 
 import psutil
 
@@ -67,8 +68,9 @@ class _Pump(threading.Thread):
     def __init__(self, proc: subprocess.Popen, cap: int, marker: bytes | None = None) -> None:
         super().__init__(daemon=True)
         self.cap = cap
-        self.bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-        self.order = [proc.stdout.fileno(), proc.stderr.fileno()]
+        stdout, stderr = cast(IO[bytes], proc.stdout), cast(IO[bytes], proc.stderr)  # both PIPE
+        self.bufs = {stdout.fileno(): bytearray(), stderr.fileno(): bytearray()}
+        self.order = [stdout.fileno(), stderr.fileno()]
         self.dropped = 0
         self.marker, self.seen, self._tail = marker, False, b""
         self.stop = threading.Event()
@@ -113,7 +115,7 @@ class _Pump(threading.Thread):
             self.join(grace_s)
         out, err = (bytes(self.bufs[fd]) for fd in self.order)
         if self.seen:  # the marker is the wrapper's; removing it restores the program's own bytes
-            out = out.replace(self.marker, b"", 1)
+            out = out.replace(cast(bytes, self.marker), b"", 1)  # seen implies a marker
         return out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace"), self.dropped > 0
 
 
@@ -278,6 +280,7 @@ class Sandbox:
                 "netns": None if bwrap else self._netns}
         argv = iso.launcher_argv(spec, step.argv)
         if bwrap:
+            assert self._bwrap is not None
             argv = iso.bwrap_argv(self._bwrap, work, (*self.ro_paths, *iso.tool_prefix(step.argv[0]))) + argv
         start = time.monotonic()
         try:
@@ -286,6 +289,7 @@ class Sandbox:
         except OSError as e:
             return StepResult(step.name, step.argv, None, "", f"sandbox: could not start: {e}", False,
                               time.monotonic() - start, False, None), False
+        assert proc.stdout is not None and proc.stderr is not None  # stdout=PIPE, stderr=PIPE
         pump = _Pump(proc, limits.max_output_bytes, marker)
         pump.start()
         exited = _wait_exit(proc.pid, limits.timeout_s)

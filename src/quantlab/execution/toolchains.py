@@ -55,6 +55,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
+from typing import Any
 
 from quantlab.errors import ConfigError, DataError
 from quantlab.execution import sentinel as sn
@@ -165,7 +166,7 @@ def _python(tc: Toolchain, name: str, files: dict, limits: Limits | None,
     return [Step((python_interpreter(), "-B", "-E", "-s", script), "run", limits)], {}  # None: sandbox defaults
 
 
-def _cpp(tc: Toolchain, name: str, files: dict, limits: Limits,
+def _cpp(tc: Toolchain, name: str, files: dict, limits: Limits | None,
          guard: _Guard | None) -> tuple[list[Step], dict[str, str]]:
     gxx = _which("g++", tc.language, tc.install_hint)
     sources: tuple[str, ...] = (name,)
@@ -184,7 +185,7 @@ def _jvm_flags(limits: Limits | None, prefix: str = "", c1_only: bool = False) -
     return [prefix + f for f in flags]
 
 
-def _java(tc: Toolchain, name: str, files: dict, limits: Limits,
+def _java(tc: Toolchain, name: str, files: dict, limits: Limits | None,
           guard: _Guard | None) -> tuple[list[Step], dict[str, str]]:
     javac = _which("javac", tc.language, tc.install_hint)
     java = _which("java", tc.language, tc.install_hint)
@@ -201,7 +202,7 @@ def _java(tc: Toolchain, name: str, files: dict, limits: Limits,
     return [Step(compile_, "compile", tc.compile_limits), Step(run, "run", limits)], {}
 
 
-def _go(tc: Toolchain, name: str, files: dict, limits: Limits,
+def _go(tc: Toolchain, name: str, files: dict, limits: Limits | None,
         guard: _Guard | None) -> tuple[list[Step], dict[str, str]]:
     go = _which("go", tc.language, tc.install_hint)
     env = {"GO111MODULE": "off", "GOPROXY": "off", "GOTOOLCHAIN": "local", "GOFLAGS": "-p=2"}
@@ -249,7 +250,7 @@ def _version(language: str, hint: str, python: str) -> str:
     return f"{tool} {ver}"
 
 
-_DATA = {"memory_rlimit": "data"}
+_DATA: dict[str, Any] = {"memory_rlimit": "data"}
 TOOLCHAINS: dict[str, Toolchain] = {
     "python": Toolchain("python", "main.py", Limits(), None, "a Python >= 3.10 interpreter"),
     "cpp": Toolchain("cpp", "main.cpp", Limits(), Limits(timeout_s=60.0, cpu_s=60.0),

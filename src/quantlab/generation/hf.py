@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from transformers.generation.logits_process import (
 )
 
 from quantlab.generation.config import DecodingConfig
-from quantlab.generation.kv_cache import growing_cache
+from quantlab.generation.kv_cache import GrowingLayer, growing_cache
 from quantlab.generation.stops import first_stop, truncate_at_stop
 from quantlab.generation.types import Completion, GenerationStats, GenRequest
 from quantlab.utils.torch_utils import model_device
@@ -115,7 +115,7 @@ class _Stream:
         self.device = model_device(model)
         self.window = max((len(x) for x in stops), default=0) + 2
         self.warp = _warpers(cfg) if cfg.do_sample else None
-        self.n_layers = model.config.num_hidden_layers
+        self.n_layers: int = cast(Any, model.config).num_hidden_layers
         self.cache = growing_cache(self.n_layers, 0)
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.rows: list[_Row] = []
@@ -127,7 +127,7 @@ class _Stream:
         logits = logits.float()
         if self.warp is None:
             return logits.argmax(-1).tolist()
-        probs = torch.softmax(self.warp(None, logits), dim=-1)
+        probs = torch.softmax(self.warp(None, logits), dim=-1)  # type: ignore[arg-type]  # warpers ignore input_ids
         return [int(torch.multinomial(probs[j], 1, generator=r.gen)[0]) for j, r in enumerate(rows)]
 
     def _push(self, row: _Row, tok: int) -> bool:
@@ -151,7 +151,7 @@ class _Stream:
         cache = growing_cache(self.n_layers, len(row.prompt) + self.cfg.max_new_tokens)
         ids = torch.tensor([row.prompt], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        kv = [layer.prompt_kv() for layer in cache.layers]
+        kv = [layer.prompt_kv() for layer in cast(list[GrowingLayer], cache.layers)]
         self._prefill_memo = (row.request, kv, out.logits[:, -1, :])
         return kv, out.logits[:, -1, :]
 
@@ -162,7 +162,7 @@ class _Stream:
         if not self._push(row, tok):
             return
         p, width = len(row.prompt), self.mask.shape[1]
-        for layer, (k, v) in zip(self.cache.layers, kv):
+        for layer, (k, v) in zip(cast(list[GrowingLayer], self.cache.layers), kv):
             layer.admit(k, v)
         if p > width:
             self.mask = torch.cat([self.mask.new_zeros((self.mask.shape[0], p - width)), self.mask], dim=1)
@@ -191,7 +191,7 @@ class _Stream:
             live = self.mask.any(dim=0).nonzero()
             lead = int(live[0]) if len(live) else self.mask.shape[1]
             if lead > 0:  # columns that are padding for every live row
-                for layer in self.cache.layers:
+                for layer in cast(list[GrowingLayer], self.cache.layers):
                     layer.trim_left(lead)
                 self.mask = self.mask[:, lead:]
         self.next_tokens = toks

@@ -13,6 +13,8 @@ so attention reads exactly the numbers a one-prompt run would (padding is masked
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -28,11 +30,13 @@ class GrowingLayer(DynamicLayer):
         self._n = 0
 
     def _views(self) -> None:
+        assert self._k is not None and self._v is not None  # set together, before any view
         self.keys = self._k[..., : self._n, :]
         self.values = self._v[..., : self._n, :]
 
     def _realloc(self, cap: int, left_pad: int = 0) -> None:
         """New buffers of ``cap`` columns holding the current ones shifted right by ``left_pad``."""
+        assert self._k is not None and self._v is not None  # only called with buffers
         shape = (*self._k.shape[:-2], cap, self._k.shape[-1])
         k, v = self._k.new_zeros(shape), self._v.new_zeros(shape)
         k[..., left_pad : left_pad + self._n, :] = self._k[..., : self._n, :]
@@ -49,6 +53,7 @@ class GrowingLayer(DynamicLayer):
             self._k, self._v = key_states.new_zeros(shape), value_states.new_zeros(shape)
         elif self._n + t > self._k.shape[-2]:
             self._realloc(max(2 * self._k.shape[-2], self._n + t))
+        assert self._v is not None  # set together with _k
         self._k[..., self._n : self._n + t, :] = key_states
         self._v[..., self._n : self._n + t, :] = value_states
         self._n += t
@@ -65,6 +70,7 @@ class GrowingLayer(DynamicLayer):
             self._n = p
         elif p > self._n:  # longer than every live row: shift them right
             self._realloc(max(self._k.shape[-2], p + 1), left_pad=p - self._n)
+        assert self._v is not None  # set together with _k
         row_k = keys.new_zeros((1, *self._k.shape[1:]))
         row_v = values.new_zeros((1, *self._v.shape[1:]))
         row_k[..., self._n - p : self._n, :] = keys
@@ -75,21 +81,21 @@ class GrowingLayer(DynamicLayer):
 
     def trim_left(self, columns: int) -> None:
         """Drop the first ``columns`` columns (padding for every live row)."""
-        if columns > 0 and self._k is not None:
+        if columns > 0 and self._k is not None and self._v is not None:
             self._k = self._k[..., columns:, :]
             self._v = self._v[..., columns:, :]
             self._n -= columns
             self._views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._k is not None:
+        if self._k is not None and self._v is not None:
             self._k = self._k[indices, ...]
             self._v = self._v[indices, ...]
             self._views()
 
     def prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The filled part of a one-row cache (after a prefill)."""
-        return self.keys, self.values
+        return cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
 
 
 def growing_cache(num_layers: int, capacity: int) -> Cache:

@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ def _save_for_vllm(model: nn.Module, tokenizer: Any, folder: str) -> None:
 
     packed = packed_modules(model)
     if not packed:
-        model.save_pretrained(folder, safe_serialization=True)
+        cast(Any, model).save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         return
     from pathlib import Path
@@ -76,7 +76,7 @@ def vllm_generate(
             f"{cfg.key}.backend",
             f"vLLM serves checkpoints from disk and cannot reproduce swapped modules {bad[:3]}...; use backend=hf",
         )
-    from vllm import LLM, SamplingParams  # noqa: PLC0415  (optional dependency)
+    from vllm import LLM, SamplingParams
 
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     results: list[list[Completion]] = [[] for _ in requests]
@@ -96,8 +96,8 @@ def vllm_generate(
                 stop=list(stop),
                 seed=cfg.seed,
             )
-            prompts = [{"prompt_token_ids": list(requests[i].prompt_ids)} if requests[i].prompt_ids is not None
-                       else requests[i].prompt for i in idx]
+            prompts = [{"prompt_token_ids": list(cast(tuple[int, ...], requests[i].prompt_ids))}
+                       if requests[i].prompt_ids is not None else requests[i].prompt for i in idx]
             outs = llm.generate(prompts, params)
             for i, o in zip(idx, outs):
                 comps = []
@@ -110,7 +110,7 @@ def vllm_generate(
                     stats.generated_tokens += len(c.token_ids)
                 results[i] = comps
             stats.batches += 1
-        import vllm  # noqa: PLC0415
+        import vllm
 
         stats.extra["vllm_version"] = getattr(vllm, "__version__", "unknown")
         del llm

@@ -34,14 +34,14 @@ MIN_LEN = 2  # quantlab's choice, not the paper's (module docstring); 1 = no len
 @lru_cache(maxsize=1)
 def stop_words() -> frozenset[str]:
     """scikit-learn's English stop-word list (a frozenset of 318 lowercase words in 1.9)."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS  # noqa: PLC0415
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     return frozenset(ENGLISH_STOP_WORDS)
 
 
 def definition(min_len: int = MIN_LEN) -> dict[str, Any]:
     """The metric's parameters, recorded next to every value."""
-    import sklearn  # noqa: PLC0415
+    import sklearn
 
     return {
         "metric": "duplicate_content_words",

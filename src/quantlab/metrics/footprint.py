@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantlab.utils.torch_utils import get_linear
+
 GB = 1e9
 
 
@@ -97,6 +99,6 @@ def packed_estimate(model: nn.Module, layers: dict[str, float]) -> int:
     fp = model_footprint(model).total
     saved = 0.0
     for name, bpw in layers.items():
-        w = model.get_submodule(name).weight
+        w = get_linear(model, name).weight
         saved += w.nelement() * (w.element_size() - bpw / 8)
     return int(round(fp - saved))

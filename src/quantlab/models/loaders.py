@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -122,7 +122,8 @@ def _from_hub(cfg: ModelConfig, dtype: Any, device_map: Any, **extra: Any) -> tu
     kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(cfg.hub_id, **kw)
-        model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, dtype=dtype, device_map=device_map, **kw, **extra)
+        model = AutoModelForCausalLM.from_pretrained(cast(str, cfg.hub_id), dtype=dtype, device_map=device_map,
+                                                     **kw, **extra)
     except OSError as e:
         raise DataError(
             f"model.hub_id: cannot load {cfg.hub_id!r} from the Hugging Face Hub ({str(e).splitlines()[0][:160]}). "
@@ -197,7 +198,8 @@ def _n_params(model: nn.Module) -> int:
 
     with disable_onloading():
         n = sum(p.numel() for p in model.parameters())
-    return n + sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "weight_packed"))
+    return n + sum(cast(Any, m).in_features * cast(Any, m).out_features
+                   for m in model.modules() if hasattr(m, "weight_packed"))
 
 
 def load_model(cfg: ModelConfig, quantization_config: Any = None) -> LoadedModel:
@@ -209,7 +211,7 @@ def load_model(cfg: ModelConfig, quantization_config: Any = None) -> LoadedModel
     """
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
-    device_map = cfg.device_map
+    device_map: str | dict[str, str] | None = cfg.device_map
     extra: dict[str, Any] = {}
     if quantization_config is not None:
         extra["quantization_config"] = quantization_config

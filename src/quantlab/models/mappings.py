@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -73,7 +74,7 @@ class ArchMapping:
     kv: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.layers)
+        return cast(nn.ModuleList, model.get_submodule(self.layers))
 
     def block_name(self, index: int) -> str:
         return f"{self.layers}.{index}"

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any, cast
 
 from quantlab.errors import DataError
 from quantlab.utils.hashing import file_sha256
@@ -52,7 +53,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained until its gguf quantization config is removed.
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+        cast(Any, model).hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 

@@ -90,7 +90,7 @@ def build_tiny_llama(
             for layer in model.model.layers:
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                     norm.weight[list(outlier_channels)] *= outlier_scale
-    model = model.to(dtype).eval()
+    model = model.to(dtype).eval()  # type: ignore[arg-type]  # transformers types .to with functools.wraps
     model.generation_config.pad_token_id = tok.pad_token_id
     log.info("built tiny llama: %d params, outlier channels %s x%g", model.num_parameters(), outlier_channels, outlier_scale)
     return model, tok

@@ -30,7 +30,7 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -176,7 +176,7 @@ def generate_data(model: nn.Module, tokenizer: Any, cfg: DataGenConfig, director
     error, todo = parallel.broadcast_object((error, [i for i in range(cfg.n_sequences) if i not in have]))
     if error:
         raise ConfigError("quantizer.data", error)
-    vocab = start_vocab(tokenizer, model.config.vocab_size, cfg.exclude_special)
+    vocab = start_vocab(tokenizer, cast(Any, model.config).vocab_size, cfg.exclude_special)
     if have:
         log.info("QAT data: %d of %d sequences already in %s", len(have), cfg.n_sequences, directory)
     bar = tqdm(total=cfg.n_sequences, initial=cfg.n_sequences - len(todo), desc="QAT data", unit="seq",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -145,7 +145,7 @@ def shutdown() -> None:
 
 class FollowerDone(BaseException):
     """Raised on ranks > 0 when their part of a distributed LLM-QAT run is over: rank 0 alone
-    evaluates and records; :mod:`quantlab.run` ends such a rank with status 0. A BaseException, so
+    evaluates and records; :mod:`quantlab.cli` ends such a rank with status 0. A BaseException, so
     that no ``except Exception`` on the way turns it into a failure."""
 
 
@@ -177,7 +177,7 @@ def wrap(model: nn.Module, mode: str, device: torch.device, trainable: bool = Tr
     raise ValueError(f"parallel mode {mode!r} wraps nothing")
 
 
-def _options(**kw: bool):
+def _options(**kw: Any):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
@@ -190,7 +190,8 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer | None, names: list[
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     msd = get_model_state_dict(model, options=_options(cpu_offload=True))
-    osd = get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True)) if opt is not None else {}
+    osd: dict[str, Any] = (get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))
+                           if opt is not None else {})
     if not is_lead() or opt is None:
         return msd, {}
     index = {n: i for i, n in enumerate(names)}
@@ -207,7 +208,7 @@ def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, names: list[st
 
     fqn: dict = {}
     if is_lead():
-        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]
-        fqn = {"state": {names[i]: v for i, v in osd["state"].items()}, "param_groups": groups}
-    set_model_state_dict(model, msd if is_lead() else {}, options=_options(broadcast_from_rank0=True))
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in cast(dict, osd)["param_groups"]]
+        fqn = {"state": {names[i]: v for i, v in cast(dict, osd)["state"].items()}, "param_groups": groups}
+    set_model_state_dict(model, cast(dict, msd) if is_lead() else {}, options=_options(broadcast_from_rank0=True))
     set_optimizer_state_dict(model, opt, fqn, options=_options(broadcast_from_rank0=True))

@@ -132,7 +132,8 @@ def save_artifacts(path: Path, tensors: Mapping[str, torch.Tensor], method: str,
         for k in names:
             t = tensors[k].detach().to("cpu").contiguous()
             if t.nelement():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                # an ndarray is a buffer; numpy's stubs declare its __buffer__ for Python >= 3.12 only
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     tmp.replace(path)
     return path
 
@@ -160,7 +161,7 @@ def load_artifacts(path: str | Path, method: str) -> tuple[dict[str, torch.Tenso
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
         raise ConfigError(KEY, f"cannot read artifact file {p}: {exc}") from None
     saved = meta.get("quantlab_method")
     if saved != method:

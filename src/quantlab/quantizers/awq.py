@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from quantlab.quantizers import artifacts
 from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
+from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +263,11 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             log.debug("awq %s %s: ratio %.2f loss %.4g (ratio 0: %.4g)", b.name, g.key, row["best_ratio"],
                       row["loss_best"], row["loss_ratio0"])
         if st["ref"] is not None:  # what is clipped and rounded: the scaled fp weights
-            st["ref"].update({b.full_name(r): b.module(r).weight.detach().to("cpu", copy=True) for r in rel_t})
+            st["ref"].update({b.full_name(r): b.linear(r).weight.detach().to("cpu", copy=True) for r in rel_t})
         samples = {src: torch.cat(xs) for src, xs in cache.clip_x.items()}
         cache.clip_x.clear()
         for rel, src in _clip_sources(b.mapping, rel_t, cfg.clip).items():
-            w = b.module(rel).weight
+            w = b.linear(rel).weight
             m = A.search_clip(w.data, samples[src], cfg.format, cfg.clip_n_grid, cfg.clip_max_shrink)
             w.data.copy_(A.apply_clip(w.data, m, cfg.format))
             st["arts"][f"awq.clip.{b.full_name(rel)}"] = m.cpu()
@@ -291,7 +292,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
     def _search_group(self, b: BlockContext, g: ScaleGroup, cache: _BlockCache) -> tuple[torch.Tensor, dict[str, Any]]:
         """Eq. 5's grid search for one group: ``(best s, table row)``."""
         cfg = self.config
-        lins = [b.module(n) for n in g.linears]
+        lins = [b.linear(n) for n in g.linears]
         orig = [lin.weight.data.clone() for lin in lins]
         x_mean = cache.abs_sum[g.linears[0]] / cache.n_tokens
         w_mean = A.weight_mean(orig, cfg.format) if cfg.duo_scaling else None
@@ -317,7 +318,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             raise FloatingPointError(f"awq: no finite scale-search loss for {b.name}.{g.key} (losses {losses[:3]}...)")
         return best[2], {"best_ratio": best[1], "loss_best": best[0], "loss_ratio0": losses[0]}
 
-    def _module_loss(self, mod: nn.Module, lins: list[nn.Module], orig: list[torch.Tensor], batches: list):
+    def _module_loss(self, mod: nn.Module, lins: list[nn.Linear], orig: list[torch.Tensor], batches: list):
         """Eq. 4 through the inspected module: fp outputs once, then per candidate ``mean((f(X; Q(Ws)/s) - f(X; W))^2)``."""
         fmt = self.config.format
         dt = A.compute_dtype(orig[0])
@@ -339,7 +340,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
     # ------------------------------------------------------------------ re-apply saved artifacts
     def _reapply(self, model: nn.Module, mapping: ArchMapping, targets: set[str], device: torch.device,
                  codes: dict | None) -> QuantResult:
-        src = self.config.load_artifacts
+        src = cast(str, self.config.load_artifacts)  # set: quantize() re-applies only then
         tensors, _saved = artifacts.load_artifacts(src, self.name)
         fmt = self.config.format
         n_clip = 0
@@ -353,7 +354,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                 for rel in rel_t:
                     clip = tensors.get(f"awq.clip.{name}.{rel}")
                     if clip is not None:
-                        w = block.get_submodule(rel).weight
+                        w = get_linear(block, rel).weight
                         w.data.copy_(A.apply_clip(w.data, clip, fmt))
                         n_clip += 1
                 rtn_linears_(block, rel_t, fmt, codes, prefix=f"{name}.")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -128,7 +128,7 @@ def probe(mode: str, device: torch.device, compute_dtype: torch.dtype) -> None:
     w = torch.randn(64, 128)
     try:
         if mode == "int8":
-            layer = bnb.nn.Linear8bitLt(128, 64, bias=False, has_fp16_weights=False, threshold=6.0)
+            layer: nn.Module = bnb.nn.Linear8bitLt(128, 64, bias=False, has_fp16_weights=False, threshold=6.0)
             layer.weight = bnb.nn.Int8Params(w.half(), requires_grad=False, has_fp16_weights=False)
             x = torch.randn(2, 128, dtype=torch.float16)
         else:
@@ -152,7 +152,7 @@ class BnbQuantizer(Quantizer[BnbConfig]):
     """bitsandbytes 4-bit / 8-bit, applied by transformers while loading the model."""
 
     supported_kinds = ("int", "nf4", "fp4")
-    #: the harness passes :meth:`load_config` to the model loader instead of quantizing after loading
+    #: the run passes :meth:`load_config` to the model loader instead of quantizing after loading
     quantizes_at_load = True
 
     def label(self, model_dtype: str) -> str:
@@ -167,7 +167,7 @@ class BnbQuantizer(Quantizer[BnbConfig]):
 
     def compute_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         cd = self.config.compute_dtype
-        return model_dtype if cd is None else resolve_dtype(cd, key="quantizer.compute_dtype")
+        return model_dtype if cd is None else cast(torch.dtype, resolve_dtype(cd, key="quantizer.compute_dtype"))
 
     def prepare(self, device: torch.device, model_dtype: torch.dtype) -> None:
         """Fail before loading when this mode cannot run on ``device``."""
@@ -192,7 +192,9 @@ class BnbQuantizer(Quantizer[BnbConfig]):
         import bitsandbytes as bnb
 
         bnb_types = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-        converted, missed, wrong = [], [], []
+        converted: list[str] = []
+        missed: list[str] = []
+        wrong: list[str] = []
         for name, mod in model.named_modules():
             if not isinstance(mod, nn.Linear):
                 continue
@@ -218,12 +220,13 @@ class BnbQuantizer(Quantizer[BnbConfig]):
         bitsandbytes produced."""
         targets = self.target_linears(model)
         repack = False
+        mod: Any  # bitsandbytes layers: support_avx512bf16_for_cpu is a plain attribute
         for _, mod in targets:
             if hasattr(mod, "support_avx512bf16_for_cpu"):
                 mod.support_avx512bf16_for_cpu = bool(mod.support_avx512bf16_for_cpu and self.config.cpu_bf16_kernel)
                 repack = repack or (mod.support_avx512bf16_for_cpu and mod.weight.device.type == "cpu")
         layers = [name for name, _ in targets]
-        first = model.get_submodule(layers[0])
+        first: Any = model.get_submodule(layers[0])  # a bitsandbytes layer
         summary: dict[str, Any] = {
             "bnb_mode": self.config.mode,
             "bitsandbytes": bnb_version(),

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ from quantlab.quantizers import artifacts
 from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
+from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +162,13 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
                            codes=self.codes_from(arts, layers, self.config.format) if ctx.keep_codes else None)
 
     @staticmethod
-    def codes_from(arts: dict[str, torch.Tensor], layers: list[str], fmt: QuantFormat) -> dict[str, QuantizedWeight]:
+    def codes_from(arts: Mapping[str, torch.Tensor], layers: list[str], fmt: QuantFormat) -> dict[str, QuantizedWeight]:
         """Every layer's codes, scales, zeros and g_idx as a :class:`QuantizedWeight`."""
         return {n: from_format(arts[f"{n}.qweight"], arts[f"{n}.scales"], arts[f"{n}.zeros"], fmt, arts[f"{n}.g_idx"])
                 for n in layers}
 
-    def _one_pass(self, bctx: BlockContext, subsets: list[list[str]], rows: list, arts: dict) -> list[torch.Tensor]:
+    def _one_pass(self, bctx: BlockContext, subsets: list[list[str]], rows: list,
+                  arts: MutableMapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """True-sequential GPTQ in ONE forward per calibration chunk (:func:`~quantlab.calib.lockstep.lockstep_forward`).
 
         Every chunk pauses at whichever Linear of a subset it calls first; its input is added to the subset's
@@ -194,12 +197,13 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
     @staticmethod
     def _hessians(bctx: BlockContext, names: list[str]) -> dict[str, HessianAccumulator]:
         """One Hessian per listed Linear's input, from one (early-exit) pass over the calibration chunks."""
-        accs = {n: HessianAccumulator(bctx.module(n).in_features) for n in names}
+        accs = {n: HessianAccumulator(bctx.linear(n).in_features) for n in names}
         bctx.collect(names, lambda n, x, _kw, _chunk: accs[n].add(x), early_exit=True)
         return accs
 
     def _quantize_subset(
-        self, bctx: BlockContext, names: list[str], acc: HessianAccumulator, rows: list, arts: dict
+        self, bctx: BlockContext, names: list[str], acc: HessianAccumulator, rows: list,
+        arts: MutableMapping[str, torch.Tensor],
     ) -> None:
         """GPTQ every Linear of ``names`` (they share the input whose Hessian is ``acc``).
 
@@ -209,7 +213,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         one loop instead of one per Linear.
         """
         cfg = self.config
-        mods = [bctx.module(rel) for rel in names]
+        mods = [bctx.linear(rel) for rel in names]
         t = time.perf_counter()
         try:
             res = gptq_quantize_weight(
@@ -219,6 +223,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             )  # the Hessian and the stacked weights are handed over: no copies are made
         except HessianNotPositiveDefinite as exc:
             raise ConfigError("quantizer.max_damp", f"{bctx.full_name(names[0])} (+ {len(names) - 1} sharing its input): {exc}") from None
+        assert res.row_loss is not None  # gptq_quantize_weight always returns it
         r0 = 0
         for rel, mod in zip(names, mods):
             fqn, r1 = bctx.full_name(rel), r0 + mod.out_features
@@ -233,7 +238,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             log.warning("gptq: %s needed damping %.3g (configured %.3g)", names, res.damp, cfg.damp)
 
     @staticmethod
-    def _store(fqn: str, res: GPTQLayerResult, arts: dict[str, torch.Tensor]) -> None:
+    def _store(fqn: str, res: GPTQLayerResult, arts: MutableMapping[str, torch.Tensor]) -> None:
         # own copies: a stacked subset's rows share storage, which safetensors refuses to save
         arts[f"{fqn}.qweight"] = res.codes.cpu().clone()
         arts[f"{fqn}.scales"] = res.scales.cpu().clone()  # float32 (float64 for a float64 model): exact re-apply
@@ -260,7 +265,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
     def _reapply(self, model: nn.Module, targets: set[str], keep_codes: bool = False) -> QuantResult:
         """Set every target weight to ``dequantize_gidx`` of the saved codes (no calibration); with
         ``keep_codes`` the saved codes are returned as :attr:`QuantResult.codes`."""
-        src = self.config.load_artifacts
+        src = cast(str, self.config.load_artifacts)  # set: quantize() re-applies only then
         tensors, saved = artifacts.load_artifacts(src, self.name)
         fmt = self.config.format
         saved_fmt = saved.get("format")
@@ -275,7 +280,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
         done = []
         codes_out: dict[str, QuantizedWeight] | None = {} if keep_codes else None
         for name in sorted(targets):
-            mod = model.get_submodule(name)
+            mod = get_linear(model, name)
             codes, scales, zeros, g_idx = (artifacts.require(tensors, f"{name}.{k}", src)
                                            for k in ("qweight", "scales", "zeros", "g_idx"))
             if tuple(codes.shape) != tuple(mod.weight.shape):

@@ -85,7 +85,7 @@ class RTNQuantizer(Quantizer[RTNConfig]):
         return QuantResult(model=model, quantized_layers=done, artifacts=artifacts, summary={"n_layers": len(done)},
                            codes=codes)
 
-    def _quantize_linear(self, name: str, mod: nn.Module, fmt: QuantFormat, artifacts: dict[str, torch.Tensor],
+    def _quantize_linear(self, name: str, mod: nn.Linear, fmt: QuantFormat, artifacts: dict[str, torch.Tensor],
                          codes: dict[str, QuantizedWeight] | None) -> None:
         w = mod.weight.data
         if fmt.is_codebook:

@@ -55,7 +55,7 @@ class PrintReport(Callback):
         try:
             root = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
             if root is None and kwargs.get("job_return") is not None:
-                hydra_cfg = getattr(kwargs["job_return"], "hydra_cfg", None)
+                hydra_cfg: Any = getattr(kwargs["job_return"], "hydra_cfg", None)
                 root = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None)
         except Exception:  # never break the run over the report
             logger.warning("PrintReport: cannot resolve hydra.runtime.output_dir", exc_info=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from quantlab.formats.wakv import PAPER_SETTINGS
-from quantlab.tracking.paper_tables import with_spread
+from quantlab.tracking.cells import with_spread
 
 CSR_TASKS = (("boolq", "acc", "BoolQ"), ("piqa", "acc_norm", "PIQA"), ("social_iqa", "acc", "SIQA"),
              ("hellaswag", "acc_norm", "HellaSwag"), ("winogrande", "acc", "WinoGrande"),

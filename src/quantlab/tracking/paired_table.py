@@ -16,7 +16,7 @@ import math
 import numbers
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ from quantlab.metrics.paired import (
     paired_bootstrap_mean_diff,
     paired_bootstrap_ppl,
 )
-from quantlab.tracking.paper_tables import calib_footnotes, method_labels
+from quantlab.tracking.cells import calib_footnotes, method_labels
 from quantlab.tracking.record import RunRecord
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def compare_items(base: dict[str, Any], run: dict[str, Any], n_resamples: int = 
         ValueError: no common item, or the two arms hold values of different kinds.
     """
     keys = sorted((k for k in set(base) & set(run) if _kind(base[k]) and _kind(run[k])), key=_natural)
-    kinds = {_kind(base[k]) for k in keys} | {_kind(run[k]) for k in keys}
+    kinds = cast(set[str], {_kind(base[k]) for k in keys} | {_kind(run[k]) for k in keys})  # keys: items with a kind
     if not keys:
         raise ValueError("no item scored in both runs")
     if len(kinds) != 1:

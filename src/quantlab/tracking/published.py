@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import yaml
@@ -133,7 +133,7 @@ def metric_value(r: RunRecord, metric: str) -> float | None:
         from quantlab.tracking.llmqat_tables import CSR_TASKS
 
         vals = [(r.metrics or {}).get(f"lm_eval/{t}/{m}") for t, m, _ in CSR_TASKS]
-        return None if any(v is None for v in vals) else sum(vals) / len(vals)
+        return None if any(v is None for v in vals) else sum(cast(list[float], vals)) / len(vals)
     v = (r.metrics or {}).get(metric)
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
@@ -196,7 +196,8 @@ def compare_table(table: PublishedTable, records: Sequence[RunRecord]) -> tuple[
             continue
         for s in run_settings(r):
             by_key[((r.model or {}).get("name"), (r.quantizer or {}).get("name"), s)].append(r)
-    rows, unmatched = [], {}
+    rows: list[dict[str, Any]] = []
+    unmatched: dict[tuple, str] = {}
     for cell in table.cells:
         key = (cell["model"], cell["method"], cell["setting"])
         paper = table.value(cell)

@@ -24,14 +24,9 @@ from typing import Any
 
 import pandas as pd
 
+from quantlab.tracking.cells import CALIB_FOOTNOTE, DAGGER, calib_footnotes, calibrated_on_eval
 from quantlab.tracking.paired_table import paired_tables
-from quantlab.tracking.paper_tables import (
-    CALIB_FOOTNOTE,
-    DAGGER,
-    calib_footnotes,
-    calibrated_on_eval,
-    paper_tables,
-)
+from quantlab.tracking.paper_tables import paper_tables
 from quantlab.tracking.published import published_tables
 from quantlab.tracking.record import RunRecord, write_text_atomic
 from quantlab.tracking.runset import (
@@ -249,7 +244,7 @@ def _rich_table(name: str, rows: pd.DataFrame):
         col_w = max([len(str(c)), *(len(s) for s in cells[c])])
         width += col_w + 3  # padding (2) + border (1)
         table.add_column(str(c), justify="right" if _is_numeric(rows[c]) else "left", no_wrap=True)
-    statuses = list(rows["status"]) if "status" in rows else [None] * len(rows)
+    statuses: list[Any] = list(rows["status"]) if "status" in rows else [None] * len(rows)
     for i, status in enumerate(statuses):
         table.add_row(*(Text(cells[c][i]) for c in rows.columns), style=_STATUS_STYLE.get(status))  # no markup
     return table, width

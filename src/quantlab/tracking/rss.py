@@ -2,7 +2,7 @@
 
 ``getrusage``'s ``ru_maxrss`` (:func:`quantlab.tracking.env.peak_memory`) is the peak of the whole
 process since it started: loading included, never reset. :class:`RssSampler` gives the peak *during*
-a step (the harness wraps the quantization in one): it reads ``/proc/self/status`` every
+a step (the run wraps the quantization in one): it reads ``/proc/self/status`` every
 ``interval`` seconds (``VmRSS``, and ``RssAnon``/``RssFile``: anonymous memory vs. pages of mapped
 files such as safetensors checkpoints, which the kernel can drop under pressure), or psutil's RSS
 where ``/proc`` is missing. A spike shorter than the interval can be missed; the step's

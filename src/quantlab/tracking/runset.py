@@ -54,11 +54,11 @@ def _from_config(run_dir: Path) -> dict[str, Any] | None:
     try:
         from omegaconf import OmegaConf
 
-        from quantlab.pipeline import build_spec
+        from quantlab.cli import build_spec
         from quantlab.tracking.variant import make_variant
 
         return make_variant(build_spec(OmegaConf.create(cfg)))
-    except Exception as exc:  # an old or foreign config: the run keeps no variant (never pooled with others)
+    except Exception as exc:  # noqa: BLE001 (an old or foreign config: the run keeps no variant (never pooled with others))
         logger.info("%s: variant not recomputable from config_resolved.json (%s)", run_dir, exc)
         return None
 
@@ -91,7 +91,7 @@ def _incomplete_record(run_dir: Path, root: Path) -> RunRecord:
     cfg = _load_yaml(hydra_dir / "config.yaml")
     cfg = cfg if isinstance(cfg, dict) else {}
     hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml")
-    choices = {}
+    choices: dict[str, Any] = {}
     if isinstance(hydra_cfg, dict):
         choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
     overrides = _load_yaml(hydra_dir / "overrides.yaml")

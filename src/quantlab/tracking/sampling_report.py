@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from quantlab.evals.sampling.analysis import PLOTS, combine_cells, plot_duplicates
-from quantlab.tracking.paper_tables import _roy_order, method_labels
+from quantlab.tracking.cells import method_labels, roy_order
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _summary(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         rows.append({"method": method, "generations": int(n), "content_words_mean": content / n,
                      "dup_words_mean": dups / n, "dup_per_100_content": 100 * dups / content if content else 0.0})
     tab = pd.DataFrame(rows).set_index("method")
-    return tab.loc[_roy_order(tab.index)].reset_index()
+    return tab.loc[roy_order(tab.index)].reset_index()
 
 
 def sampling_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -79,7 +79,7 @@ def sampling_tables(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         for by in PLOTS:
             comb = combine_cells(frames, by)
             piv = comb.pivot(index="method", columns=by, values="dup_words_mean")
-            piv = piv.loc[_roy_order(piv.index)]
+            piv = piv.loc[roy_order(piv.index)]
             piv.columns = [f"{by}={c:g}" for c in piv.columns]
             out.append((f"Sampling study {where}: duplicate content words per generation, method x {by}",
                         piv.reset_index()))

@@ -4,7 +4,7 @@ Tables pool only runs of the same variant (their seeds are repeats); a sweep ski
 variant and seed already have an ``ok`` record; a rerun of the same variant and seed supersedes the
 older record instead of adding a row. The seed is kept apart (it is what repeats vary).
 
-What is in it (built from the typed :class:`~quantlab.harness.RunSpec`, so every dataclass default is
+What is in it (built from the typed :class:`~quantlab.experiment.RunSpec`, so every dataclass default is
 included, not only what the YAML spelled out):
 
 * ``model``: name, source, hub id, revision, dtype, the tiny model's kwargs and a *content* fingerprint
@@ -15,7 +15,7 @@ included, not only what the YAML spelled out):
   and W-A-KV included; LLM-QAT's data and training budget included), minus the config class's
   :attr:`execution_fields` (e.g. calibration batch size, cache directories).
 * ``calib``: the calibration config, only when the run builds calibration data (same rule as the
-  harness). The calibration *tokens* hash is known only after the data is built: it is recorded next
+  run, :mod:`quantlab.experiment`). The calibration *tokens* hash is known only after the data is built: it is recorded next
   to the variant (``RunRecord.calib["sha256"]``) and tables split runs whose tokens differ
   (:func:`quantlab.tracking.runset.label_variants`), but it is not part of :func:`variant_id`, so a job can be skipped before it loads
   anything.
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from quantlab.harness import RunSpec
+    from quantlab.experiment import RunSpec
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _without(d: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
 
 def variant_settings(spec: RunSpec) -> dict[str, Any]:
     """The variant of ``spec`` as a JSON-able dict (see the module docstring)."""
-    from quantlab.harness import calibration_needed
+    from quantlab.experiment import calibration_needed
     from quantlab.quantizers.base import quantizer_class
 
     model = {k: getattr(spec.model, k) for k in _MODEL_FIELDS}

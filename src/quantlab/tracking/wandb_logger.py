@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from quantlab.errors import ConfigError
 from quantlab.tracking.record import RunRecord
@@ -132,7 +132,7 @@ class WandbTracker(Tracker):
         self.run = self._wandb.init(
             project=self.cfg.project,
             entity=self.cfg.entity,
-            mode=self.cfg.mode,
+            mode=cast(Any, self.cfg.mode),  # validated against MODES
             dir=str(wandb_dir),
             id=run_id,
             name=run_id,
@@ -168,7 +168,8 @@ class WandbTracker(Tracker):
             if not rows:
                 continue
             columns, data = _table_payload(rows)
-            payload[f"table/{name}"] = self._wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+            payload[f"table/{name}"] = self._wandb.Table(columns=cast(list[str | int], columns), data=data,
+                                                         allow_mixed_types=True)
         for name, path in (images or {}).items():
             payload[f"plot/{name}"] = self._wandb.Image(str(path))
         if payload:

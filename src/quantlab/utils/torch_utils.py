@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from quantlab.errors import ConfigError
 
@@ -47,6 +49,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def get_linear(model: nn.Module, name: str) -> nn.Linear:
+    """``model.get_submodule(name)``, typed as the Linear that it is (not checked)."""
+    return cast(nn.Linear, model.get_submodule(name))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

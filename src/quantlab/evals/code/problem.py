@@ -55,10 +55,18 @@ class CodeProblem(Protocol):
         stop: stop sequences; a completion is cut at the first one.
     """
 
-    task_id: str
-    language: str
-    prompt: str
-    stop: tuple[str, ...]
+    # read-only properties: the problems are frozen dataclasses
+    @property
+    def task_id(self) -> str: ...
+
+    @property
+    def language(self) -> str: ...
+
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def stop(self) -> tuple[str, ...]: ...
 
     def program(self, completion: str) -> Program:
         """The program that tests ``completion`` (already cut at the stop sequences)."""
@@ -82,7 +90,7 @@ def iter_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         DataError: a line that is not a JSON object (naming file and line).
     """
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415  (optional dependency)
+        import pyarrow.parquet as pq
 
         for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
             yield f"{path}:row {i}", row

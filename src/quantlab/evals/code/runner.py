@@ -278,8 +278,9 @@ class CodeEval(Evaluator):
             new = []
             for (key, p, s, text, note), res in zip(chunk, results):
                 v = p.judge(res)
-                row = {"key": key, "task_id": p.task_id, "language": p.language, "sample": s,
-                       "status": v.status, "error": v.error, "wall_s": round(sum(x.wall_s for x in res.steps), 3)}
+                row: dict[str, Any] = {"key": key, "task_id": p.task_id, "language": p.language, "sample": s,
+                                       "status": v.status, "error": v.error,
+                                       "wall_s": round(sum(x.wall_s for x in res.steps), 3)}
                 if note:  # the protocol post-processed the reply: keep what was tested, and how
                     row.update(tested_completion=text, post_processing=note)
                 rows[key] = row
