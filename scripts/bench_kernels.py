@@ -240,7 +240,7 @@ def marlin_setup(w: torch.Tensor, group_size: int, x: torch.Tensor) -> tuple[Cal
         from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
         from vllm.model_executor.layers.quantization.utils import marlin_utils_test as mut
         from vllm.scalar_type import scalar_types
-    except Exception as e:  # ImportError, or a vLLM build for another torch/CUDA
+    except Exception as e:  # noqa: BLE001 (ImportError, or a vLLM build for another torch/CUDA)
         return None, f"not run: vllm not installed / not importable ({type(e).__name__}: {str(e)[:120]})"
     op = getattr(ops, "gptq_marlin_gemm", None)
     op_name = "gptq_marlin_gemm"
@@ -283,7 +283,7 @@ def marlin_setup(w: torch.Tensor, group_size: int, x: torch.Tensor) -> tuple[Cal
     try:
         y = op(**kwargs)
         torch.cuda.synchronize()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         return None, f"not run: vllm {op_name} failed ({type(e).__name__}: {str(e)[:160]})"
     err = rel_err(y, x.float() @ w_ref.float())
     return (lambda: op(**kwargs)), f"vllm {op_name} (uint4b8 sym RTN g{group_size}), relerr vs its dequant {err:.1e}"
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     import vllm  # noqa: F401
                     out.append("  vllm imports, but its Marlin op needs CUDA")
-                except Exception:
+                except Exception:  # noqa: BLE001
                     out.append("  marlin: not run: vllm not installed")
     if not args.skip_decode:
         rows += decode_rows(args, meta, out)

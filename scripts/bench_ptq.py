@@ -47,16 +47,17 @@ log = logging.getLogger("bench_ptq")
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fp": ("none", {}),
     "rtn": ("rtn", {}),
+    "hqq": ("hqq", {}),
     "gptq": ("gptq", {}),
-    "gptq-actorder": ("gptq", {"act_order": True, "static_groups": True}),
-    "gptq-onechunk": ("gptq", {"batch_size": 32}),  # the whole 32 x 256 set in one forward (no memory budget)  # llm-compressor's actorder="static"
+    "gptq-actorder": ("gptq", {"act_order": True, "static_groups": True}),  # llm-compressor's actorder="static"
+    "gptq-onechunk": ("gptq", {"batch_size": 32}),  # the whole 32 x 256 set in one forward (no memory budget)
     "awq": ("awq", {}),
     "awq-fast": ("awq", {"search_tokens": 2048}),
     "smoothquant": ("smoothquant", {}),
     "smoothquant_plus": ("smoothquant_plus", {}),
     "smoothquant_plus-fast": ("smoothquant_plus", {"search_samples": 8}),  # loss on 8 x 256 = 2048 tokens (as awq-fast)
 }
-DEFAULT_METHODS = "fp,rtn,gptq,gptq-actorder,awq,awq-fast,smoothquant,smoothquant_plus,smoothquant_plus-fast"
+DEFAULT_METHODS = "fp,rtn,hqq,gptq,gptq-actorder,awq,awq-fast,smoothquant,smoothquant_plus,smoothquant_plus-fast"
 
 
 def _format(name: str, group_size: int) -> Any:

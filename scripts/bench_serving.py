@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     rat = ratios(rows, "int4", ["fp32", "bf16"]) + ratios(rows, "vllm-int4", ["vllm-fp16"])
-    import transformers  # noqa: PLC0415
+    import transformers
 
     meta = dict(model="tiny" if args.tiny else "SmolLM2-135M-Instruct (GGUF wheel)",
                 note="" if args.tiny else FP_NOTE, engine="transformers continuous batching (CPU arms)",

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(sizes) != 2:
         p.error("--batch-sizes takes exactly two values")
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import quantlab.quantizers  # noqa: F401  (registers every method)
     from quantlab.calib.datasets import CalibConfig, build_calib
     from quantlab.formats.spec import QuantFormat
@@ -45,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     from quantlab.quantizers.gptq import GPTQConfig, GPTQQuantizer
     from quantlab.types import RunContext
     from quantlab.utils.paths import cache_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = ensure_smollm2(cache_dir())
     base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _measure  # noqa: E402
+import _measure
 
 log = logging.getLogger("quantlab.peers.runner")
 

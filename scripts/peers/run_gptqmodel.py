@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common  # noqa: E402
-import _measure  # noqa: E402
+import _common
+import _measure
 
 log = logging.getLogger("quantlab.peers.gptqmodel")
 

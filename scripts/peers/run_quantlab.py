@@ -37,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _common.parse_args(("gptq", "awq"), argv)
     ids = _common.setup(args)
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import quantlab.quantizers  # noqa: F401  (registers every method)
     from quantlab.calib.datasets import CalibConfig, build_calib
     from quantlab.formats.spec import QuantFormat
     from quantlab.quantizers.base import QUANTIZERS
     from quantlab.types import RunContext
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
     model.eval()
