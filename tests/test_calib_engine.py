@@ -243,6 +243,34 @@ def test_released_inputs_are_gone_and_the_returned_outputs_flow_on(tiny64):
     assert torch.equal(tiny64.model.norm(torch.cat(last)), ref)
 
 
+def test_collect_releasing_inputs_frees_each_chunk_after_its_forward(tiny64):
+    """``collect(release_inputs=True)`` (AWQ's capture, SmoothQuant+'s fp statistics) gives the same
+    outputs and calls as without it; each input chunk is empty once its forward is done."""
+    seen, empty_before = [], []
+
+    def fn(ctx: BlockContext):
+        want = ctx.forward()
+        calls = []
+
+        def on(n, x, kw, ci):
+            calls.append((n, ci, x.clone()))
+            empty_before.append([h.numel() == 0 for h in ctx.inputs.hidden[:ci]])
+
+        outs = ctx.collect(["self_attn", "mlp.down_proj"], on, early_exit=False, release_inputs=True)
+        assert ctx.inputs.hidden == [] and all(torch.equal(a, b) for a, b in zip(outs, want))
+        seen.append(calls)
+        return outs
+
+    x = _tokens(5, 16)
+    run_sequential(tiny64, get_mapping(tiny64), x, fn, device=CPU, batch_size=2, returns_outputs=True)
+    assert [len(c) for c in seen] == [6, 6]  # 3 chunks x 2 modules, every block
+    assert all(all(e) for e in empty_before) and any(empty_before)
+    with torch.no_grad():
+        hidden = tiny64.model(x, output_hidden_states=True).hidden_states
+    got = torch.cat([x for n, _ci, x in seen[1] if n == "self_attn"])
+    assert torch.equal(got, tiny64.model.layers[1].input_layernorm(hidden[1]))
+
+
 # ------------------------------------------------------------------ variable-length calibration data
 def _seqs(lengths, seed=3):
     g = torch.Generator().manual_seed(seed)

@@ -88,7 +88,7 @@ from quantlab.errors import DataError
 from quantlab.formats import affine
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, relative_names
-from quantlab.utils.memory import release_freed_memory
+from quantlab.utils.memory import bounded_heap, release_freed_memory, repeated_allocations
 from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ def _params(block: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
     return {f"{n}.{k}": p for n in sorted(names) for k, p in block.get_submodule(n).named_parameters(recurse=False)}
 
 
-def _fp_stats(ctx: BlockContext, groups: list[ScaleGroup], stats: dict[str, torch.Tensor]) -> BlockData:
-    """Run the untouched block on the fp stream (``ctx.inputs``), recording each group's input max |x|."""
+def _fp_stats(ctx: BlockContext, groups: list[ScaleGroup], stats: dict[str, torch.Tensor], release: bool) -> BlockData:
+    """Run the untouched block on the fp stream (``ctx.inputs``), recording each group's input max |x|;
+    ``release``: free each input chunk once its forward is done (not when it is also the search's start)."""
     by_first = {g.linears[0]: g for g in groups}
 
     def on_input(rel: str, x: torch.Tensor, _kw: dict[str, Any], _chunk: int) -> None:
@@ -179,7 +180,8 @@ def _fp_stats(ctx: BlockContext, groups: list[ScaleGroup], stats: dict[str, torc
         m = reduce_absmax(x).cpu()
         stats[key] = m if key not in stats else torch.maximum(stats[key], m)
 
-    outs = cast(list[torch.Tensor], ctx.collect(list(by_first), on_input, early_exit=False))  # never None
+    outs = cast(list[torch.Tensor], ctx.collect(list(by_first), on_input, early_exit=False,  # never None
+                                                release_inputs=release))
     return BlockData(hidden=outs, kwargs=ctx.inputs.kwargs, index=ctx.inputs.index)
 
 
@@ -204,8 +206,10 @@ class _BlockSearch:
             affine.fake_quantize_(ctx.linear(rel).weight.data, fmt)
         self._dirty = False
 
-    def run(self, alpha: float | None, act: dict[str, torch.Tensor], stream: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Smooth with ``alpha`` (None: no smoothing), round, and run the block on ``stream``."""
+    def run(self, alpha: float | None, act: dict[str, torch.Tensor], stream: list[torch.Tensor]) -> None:
+        """Smooth with ``alpha`` (None: no smoothing), round, and run the block on ``stream``, which is
+        updated in place: each chunk's buffer receives the block's output, so a candidate's stream is
+        allocated once per wave and the forwards' transients are all that come and go."""
         self._restore(self.params)
         self._dirty = True
         block = self.ctx.block
@@ -214,7 +218,8 @@ class _BlockSearch:
             fold_group_scales(block, self.groups, scales)
         for rel in self.rel:
             affine.fake_quantize_(get_linear(block, rel).weight.data, self.fmt)
-        return [self._forward(h, kw) for h, kw in zip(stream, self.ctx.inputs.kwargs)]
+        for h, kw in zip(stream, self.ctx.inputs.kwargs):
+            h.copy_(self._forward(h, kw))
 
     def _forward(self, h: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
         out = self.ctx.block(h, **kw)
@@ -270,16 +275,16 @@ def search_alpha(
     log.info("smoothquant+ search: %d candidates (%d per wave), loss %s on %s, stats on %d samples",
              len(cands), wave, loss, describe_chunks(sub), n)
     try:
-        # no bounded_heap here: the 22 candidate passes would page-fault every transient (utils.memory)
-        for w0 in range(0, len(cands), wave):
-            idx = list(range(w0, min(w0 + wave, len(cands))))
-            streams: dict[int, list[torch.Tensor] | None] = {j: list(start.hidden) for j in idx}
-            fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
-            if ref is None:
-                assert fp is not None  # the first wave: _pass got the fp stream and returns it
-                ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
-                fp = None  # the fp stream is only needed once
-            losses.update(_losses(model, mapping, loss, streams, ref, device))
+        with bounded_heap():  # streams get their own mappings; the candidates' forwards reuse the heap (_pass)
+            for w0 in range(0, len(cands), wave):
+                idx = list(range(w0, min(w0 + wave, len(cands))))
+                streams: dict[int, list[torch.Tensor] | None] = {j: [h.clone() for h in start.hidden] for j in idx}
+                fp = _pass(model, mapping, groups_fn, sorted(targets), fmt, device, cands, streams, start, fp, stats)
+                if ref is None:
+                    assert fp is not None  # the first wave: _pass got the fp stream and returns it
+                    ref = _final(model, mapping, [h[:k] for h, k in zip(fp.hidden, kept) if k], device)
+                    fp = None  # the fp stream is only needed once
+                losses.update(_losses(model, mapping, loss, streams, ref, device))
     finally:
         model.train(was_training)
     n_tok = start.n_tokens
@@ -301,7 +306,8 @@ def _pass(model: nn.Module, mapping: ArchMapping, groups_fn: GroupsFn, targets: 
         with on_device([block], device, writeback=False):  # every candidate's change is restored
             groups = groups_fn(block)
             if fp is not None:  # first wave: fp statistics and the fp stream, from the untouched block
-                fp = _fp_stats(BlockContext(i, name, block, fp, mapping, device), groups, stats)
+                fp = _fp_stats(BlockContext(i, name, block, fp, mapping, device), groups, stats,
+                               release=fp.hidden is not start.hidden)
             act = {g.key: stats[group_key(name, g)] for g in groups}
             bs = _BlockSearch(BlockContext(i, name, block, start, mapping, device), groups, rel, fmt)
             try:
@@ -309,7 +315,8 @@ def _pass(model: nn.Module, mapping: ArchMapping, groups_fn: GroupsFn, targets: 
                     if stream is None:
                         continue
                     try:
-                        streams[j] = bs.run(cands[j], act, stream)
+                        with repeated_allocations():  # only transients: the stream is updated in place
+                            bs.run(cands[j], act, stream)
                     except DataError as exc:
                         log.warning("smoothquant+ search: alpha %s dropped at %s: %s", cands[j], name, exc)
                         streams[j] = None

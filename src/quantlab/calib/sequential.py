@@ -262,7 +262,8 @@ class BlockContext:
         return outs
 
     @torch.no_grad()
-    def collect(self, names: Sequence[str], fn: InputFn, early_exit: bool = True) -> list[torch.Tensor] | None:
+    def collect(self, names: Sequence[str], fn: InputFn, early_exit: bool = True, *,
+                release_inputs: bool = False) -> list[torch.Tensor] | None:
         """Run every chunk through the block, calling ``fn`` with the input of each module in ``names``.
 
         With ``early_exit`` the forward of a chunk stops as soon as every listed module has
@@ -270,6 +271,8 @@ class BlockContext:
         modules costs only the part of the block before them. Without it, the block's outputs
         (one per chunk, computed with the weights as they were during the pass) are returned, so a
         method that does not change the block inside ``fn`` can reuse them instead of a second pass.
+        ``release_inputs``: :meth:`release_inputs` chunk by chunk, each input freed once its forward
+        is done, so the input and output streams are never both whole (same values).
         """
         mods = {n: self.block.get_submodule(n) for n in names}
         outs: list[torch.Tensor] = []
@@ -297,9 +300,13 @@ class BlockContext:
             finally:
                 for hd in handles:
                     hd.remove()
+            if release_inputs:
+                self.inputs.hidden[ci] = h.new_empty(0)  # freed with the loop's reference, next chunk
             missing = set(mods) - fired
             if missing:
                 raise RuntimeError(f"{self.name}: modules {sorted(missing)} were not called in the block's forward")
+        if release_inputs:
+            self.release_inputs()
         return None if early_exit else outs
 
 

@@ -45,12 +45,13 @@ from quantlab.quantizers import artifacts
 from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
+from quantlab.utils.memory import repeated_allocations
 from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
 
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")  # llm-awq auto_clip_block: clipping breaks QK^T
-SEARCH_BATCH_TOKENS = 2048  # tokens per forward of the scale search (bounds activation memory)
+SEARCH_BATCH_TOKENS = 1024  # tokens per forward of the scale search (bounds activation memory; was 2048, see memory note)
 GQA_REASON = "prev and consumer shapes differ (grouped-query attention)"
 
 
@@ -210,8 +211,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                               "codes": {} if ctx.keep_codes else None}
         t0 = time.perf_counter()
         run_sequential(model, mapping, calib.tokens, lambda b: self._block(b, targets, keep, st), device=ctx.device,
-                       batch_size=cfg.batch_size, propagate="fp", desc="awq", returns_outputs=True,
-                       bound_heap=False)  # the scale search's many forwards would page-fault
+                       batch_size=cfg.batch_size, propagate="fp", desc="awq", returns_outputs=True)
         rows = st["rows"]
         summary = {
             "n_layers": len(targets), "groups_searched": len(rows),
@@ -248,8 +248,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         groups, skipped = self._groups(b.block, b.mapping, b.name, targets)
         st["skipped"].update(skipped)
         rel_t = relative_names(sorted(targets), b.name)
-        cache, fp_out = self._capture(b, groups, rel_t, keep)
-        b.release_inputs()  # the search works on the cached inputs of the inspected modules
+        cache, fp_out = self._capture(b, groups, rel_t, keep)  # frees the block's inputs as it goes
         for i, g in enumerate(groups):
             s, row = self._search_group(b, g, cache)
             fold_scales(b.block, g, s)
@@ -286,7 +285,9 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                             gram=gram, clip=clip, step=A.sample_stride(b.inputs.n_tokens, cfg.clip_tokens), keep=keep)
         cache.offsets(b.inputs)
         names = sorted(cache.stat_names | cache.direct | cache.gram | cache.clip)
-        outs = b.collect(names, cache, early_exit=False)  # early_exit=False: never None
+        # early_exit=False: never None; each input chunk is freed once its forward is done (the search
+        # works on the cached inputs of the inspected modules)
+        outs = b.collect(names, cache, early_exit=False, release_inputs=True)
         return cache, outs if outs is not None else []
 
     def _search_group(self, b: BlockContext, g: ScaleGroup, cache: _BlockCache) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -306,11 +307,12 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         losses: list[float] = []
         best: tuple[float, float, torch.Tensor | None] = (float("inf"), -1.0, None)
         try:
-            for r in A.grid_ratios(cfg.n_grid):
-                s = A.candidate_scales(x_mean, r, w_mean)
-                losses.append(loss_of(s))
-                if losses[-1] < best[0]:  # strict: ties keep the smaller ratio, NaN never wins
-                    best = (losses[-1], r, s)
+            with repeated_allocations():  # the candidates' forwards reuse one working set (utils.memory)
+                for r in A.grid_ratios(cfg.n_grid):
+                    s = A.candidate_scales(x_mean, r, w_mean)
+                    losses.append(loss_of(s))
+                    if losses[-1] < best[0]:  # strict: ties keep the smaller ratio, NaN never wins
+                        best = (losses[-1], r, s)
         finally:
             for lin, w0 in zip(lins, orig):
                 lin.weight.data.copy_(w0)

@@ -41,6 +41,9 @@ def release_freed_memory() -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 HEAP_THRESHOLD = 256 * 1024  # tensors at least this large get their own mapping during calibration
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+REPEAT_MMAP_THRESHOLD = 32 * 2**20  # glibc's own upper bound for its dynamic threshold
+REPEAT_TRIM_THRESHOLD = 2**30  # never trim inside a repeated loop (trimmed on leaving it)
+_bounded = False  # inside bounded_heap (the thresholds are process-wide)
 
 
 @contextmanager
@@ -56,17 +59,46 @@ def bounded_heap() -> Iterator[None]:
     glibc's initial 128 KiB (the dynamic adjustment stays off: mallopt cannot turn it back on).
     ``QUANTLAB_HEAP_TUNING=0`` leaves the allocator alone; a no-op off glibc.
     """
+    global _bounded
     fn = _mallopt_fn() if os.environ.get("QUANTLAB_HEAP_TUNING", "1") != "0" else None
-    if fn is None:
+    if fn is None or _bounded:
         yield
         return
     fn(M_MMAP_THRESHOLD, HEAP_THRESHOLD)
     fn(M_TRIM_THRESHOLD, HEAP_THRESHOLD)
+    _bounded = True
     try:
         yield
     finally:
+        _bounded = False
         fn(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
         fn(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        release_freed_memory()
+
+
+@contextmanager
+def repeated_allocations() -> Iterator[None]:
+    """Inside :func:`bounded_heap`: a loop that makes the same transient tensors over and over (a grid
+    search's candidate forwards) takes them from the heap again, so they are page-faulted once.
+
+    Whatever is alive when the loop starts (cached activations, reference outputs) was mapped on its
+    own under :func:`bounded_heap` and cannot fragment the heap; inside, tensors below 32 MiB come
+    from the heap and freed memory is kept for the next candidate (no trimming). On leaving, the
+    bounded thresholds come back and the heap is trimmed, so the loop's working set is given back
+    before the next one. Outside :func:`bounded_heap` (or with ``QUANTLAB_HEAP_TUNING=0``) a no-op.
+    Values are unchanged; only where the allocator takes memory from.
+    """
+    fn = _mallopt_fn() if _bounded else None
+    if fn is None:
+        yield
+        return
+    fn(M_MMAP_THRESHOLD, REPEAT_MMAP_THRESHOLD)
+    fn(M_TRIM_THRESHOLD, REPEAT_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        fn(M_MMAP_THRESHOLD, HEAP_THRESHOLD)
+        fn(M_TRIM_THRESHOLD, HEAP_THRESHOLD)
         release_freed_memory()
 
 
