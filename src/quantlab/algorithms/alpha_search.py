@@ -51,8 +51,11 @@ sequences' rows of the engine's equal-length chunks, see
 matching fp chunk and the loss pairs every token with its own fp reference). ``alpha_batch`` bounds
 the candidate streams per wave (null: as many as fit :func:`~quantlab.calib.budget.streams_that_fit`,
 one for SmolLM2-135M with 32 x 256 tokens); later waves reuse the statistics and the fp reference and only
-repeat the block moves. A candidate whose activations become non-finite is dropped with loss ``inf``
-instead of stopping the search.
+repeat the block moves. A candidate's stream is updated in place (each chunk's buffer receives the
+block's output) and the fp stream's input chunks are freed as they are consumed, so only one copy of
+each stream exists; the search runs under :func:`~quantlab.utils.memory.bounded_heap`, each candidate's
+block forwards under :func:`~quantlab.utils.memory.repeated_allocations`. A candidate whose activations
+become non-finite is dropped with loss ``inf`` instead of stopping the search.
 
 Optionally plain RTN (no smoothing) is evaluated as one more stream, giving the loss smoothing is
 compared against at the same price as one grid point.

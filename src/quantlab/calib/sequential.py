@@ -350,9 +350,10 @@ def run_sequential(
             anyway), which saves the engine's own fp forward.
         bound_heap: keep large transients out of glibc's heap while calibrating
             (:func:`quantlab.utils.memory.bounded_heap`): lower RSS for a few % of time (GPTQ on SmolLM2:
-            1.31x vs 1.53x the model's bytes, 60.6 s vs 55.1 s, before the GPTQ solver work); methods that
-            repeat many forwards per block (AWQ's and SmoothQuant+'s searches) pass False, since every
-            forward would page-fault.
+            1.31x vs 1.53x the model's bytes, 60.6 s vs 55.1 s, before the GPTQ solver work); a method
+            that repeats many forwards per block (AWQ's grid search) wraps that loop in
+            :func:`~quantlab.utils.memory.repeated_allocations` so its transients are page-faulted once.
+            False leaves glibc's defaults (a ``malloc_trim`` after every block still runs).
     """
     if propagate not in ("quantized", "fp"):
         raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")

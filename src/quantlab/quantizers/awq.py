@@ -8,12 +8,15 @@ no error propagation, as in the reference):
    (a whole attention or MLP; a Linear inspected on its own only needs ``X^T X``), and a fixed-stride
    sample of 512 input tokens of every Linear the clip search will see (one per distinct input: the
    Linears of a scaling group share theirs; the stride runs over the calibration tokens in the
-   engine's chunk order, which for fixed-length data is the set's order).
+   engine's chunk order, which for fixed-length data is the set's order). Each of the block's input
+   chunks is freed once its forward is done (``collect(release_inputs=True)``).
 2. For each group in mapping order: the fp output of the inspected module once, then for each grid
    ratio the group's weights are set to ``Q(W s)/s`` and eq. 4's loss (fp32 MSE over all output
    elements) is measured; the original weights are restored from a saved copy. The best ``s`` is
    folded exactly (:func:`~quantlab.algorithms.smoothing.fold_scales`) and the cached inputs of the
-   group's Linears are divided by it (llm-awq ``apply_scale``).
+   group's Linears are divided by it (llm-awq ``apply_scale``). The search forwards go over the cached
+   inputs in batches of ``SEARCH_BATCH_TOKENS``; the loop runs under
+   :func:`~quantlab.utils.memory.repeated_allocations` (one heap working set for all candidates).
 3. Clip search for every target Linear except q/k (llm-awq ``auto_clip_block``), written into the
    weights; then RTN (:func:`~quantlab.formats.codes.rtn_linears_`) of the block's target Linears.
 
