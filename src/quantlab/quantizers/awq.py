@@ -54,7 +54,7 @@ from quantlab.utils.torch_utils import get_linear
 log = logging.getLogger(__name__)
 
 NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")  # llm-awq auto_clip_block: clipping breaks QK^T
-SEARCH_BATCH_TOKENS = 1024  # tokens per forward of the scale search (bounds activation memory; was 2048, see memory note)
+SEARCH_BATCH_TOKENS = 1024  # tokens per search forward (memory bound; 2048 before: docs/performance.md)
 GQA_REASON = "prev and consumer shapes differ (grouped-query attention)"
 
 
