@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -328,7 +328,6 @@ def run_sequential(
     desc: str = "calibrate",
     writeback: bool = True,
     returns_outputs: bool = False,
-    bound_heap: bool = True,
 ) -> None:
     """Call ``fn`` on every decoder block in order, feeding each block's outputs to the next.
 
@@ -348,12 +347,11 @@ def run_sequential(
         returns_outputs: ``fn`` always returns the outputs ``propagate`` asks for; with ``propagate="fp"``
             they are the block's outputs BEFORE ``fn`` changed it (e.g. from a statistics pass it made
             anyway), which saves the engine's own fp forward.
-        bound_heap: keep large transients out of glibc's heap while calibrating
-            (:func:`quantlab.utils.memory.bounded_heap`): lower RSS for a few % of time (GPTQ on SmolLM2:
-            1.31x vs 1.53x the model's bytes, 60.6 s vs 55.1 s, before the GPTQ solver work); a method
-            that repeats many forwards per block (AWQ's grid search) wraps that loop in
-            :func:`~quantlab.utils.memory.repeated_allocations` so its transients are page-faulted once.
-            False leaves glibc's defaults (a ``malloc_trim`` after every block still runs).
+
+    Blocks are calibrated under :func:`quantlab.utils.memory.bounded_heap` (large transients never
+    settle in glibc's heap: GPTQ on SmolLM2 1.31x vs 1.53x the model's bytes, 60.6 s vs 55.1 s, before
+    the GPTQ solver work); a callback that repeats many forwards per block (AWQ's grid search) wraps
+    that loop in :func:`~quantlab.utils.memory.repeated_allocations`. ``QUANTLAB_HEAP_TUNING=0``: off.
     """
     if propagate not in ("quantized", "fp"):
         raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
@@ -364,7 +362,7 @@ def run_sequential(
     blocks = mapping.blocks(model)
     log.info("%s: %d blocks, %s on %s", desc, len(blocks), describe_chunks(plan), device)
     try:
-        with bounded_heap() if bound_heap else nullcontext():  # transients never settle in the heap
+        with bounded_heap():  # transients never settle in the heap (utils.memory; QUANTLAB_HEAP_TUNING=0: off)
             for i, block in enumerate(blocks):
                 dev = execution_device(block, device)  # a block sharded onto another GPU is computed there
                 if data.hidden and data.hidden[0].device != dev:
