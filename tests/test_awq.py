@@ -16,7 +16,8 @@ from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import get_mapping
 from quantlab.models.tiny import build_tiny_llama
 from quantlab.quantizers.artifacts import save_artifacts
-from quantlab.quantizers.awq import AWQConfig, AWQQuantizer, search_sequences
+from quantlab.quantizers.awq import AWQConfig, AWQQuantizer
+from quantlab.quantizers.awq_cache import BlockCache, search_sequences, stream_stages
 from quantlab.quantizers.rtn import RTNConfig, RTNQuantizer
 
 FMT = QuantFormat(bits=4, group_size=32)  # asymmetric min/max, zero point (the AWQ convention)
@@ -289,12 +290,51 @@ def test_variable_length_data_and_search_tokens(tmp_path, fp_logits):
 def test_search_batches_select_sequences_by_calibration_index():
     """With variable-length chunks (grouped by length), the kept rows are those whose set position is kept."""
     from quantlab.calib.sequential import BlockData
-    from quantlab.quantizers.awq import _BlockCache
 
     hidden = [torch.randn(2, 5, 4), torch.randn(3, 2, 4)]
     index = [torch.tensor([1, 4]), torch.tensor([0, 2, 3])]
-    cache = _BlockCache(set(), {"m"}, set(), set(), 1, keep=torch.tensor([0, 3, 4]))
+    cache = BlockCache(set(), {"m"}, set(), set(), 1, keep=torch.tensor([0, 3, 4]))
     cache.offsets(BlockData(hidden, [{}, {}], index))
     assert cache.n_tokens == 2 * 5 + 3 * 2
     got = [[x for x, _ in cache._search_batches(h, {}, c)] for c, h in enumerate(hidden)]
     assert torch.equal(torch.cat(got[0]), hidden[0][[1]]) and torch.equal(torch.cat(got[1]), hidden[1][[0, 2]])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])  # GQA (v->o skipped) and v->o searched inside the attention stage
+def test_one_stream_schedule_equals_cached_inputs(kv_heads, tmp_path, monkeypatch):
+    """The one-stream schedule (block input stream, norm recomputed, fp stage outputs added in place) gives
+    the same scales, clips and model as caching every inspected module's input and the block outputs."""
+    import quantlab.quantizers.awq as awq_mod
+
+    seen: list[int] = []
+    capture = awq_mod.AWQQuantizer._capture
+
+    def spy(self, b, *args):
+        cache, outs = capture(self, b, *args)
+        seen.append(len(cache.inputs) + len(outs))  # cached module inputs and output chunks
+        return cache, outs
+
+    monkeypatch.setattr(awq_mod.AWQQuantizer, "_capture", spy)
+    one, _ = build_tiny_llama(num_key_value_heads=kv_heads)
+    res1 = AWQQuantizer(AWQConfig(format=FMT)).quantize(one, _calib(), _ctx(tmp_path))
+    assert res1.summary["one_stream_blocks"] == 2 and seen == [0, 0]
+    monkeypatch.setattr(awq_mod, "stream_stages", lambda *_: None)
+    two, _ = build_tiny_llama(num_key_value_heads=kv_heads)
+    res2 = AWQQuantizer(AWQConfig(format=FMT)).quantize(two, _calib(), _ctx(tmp_path))
+    assert res2.summary["one_stream_blocks"] == 0 and all(n > 0 for n in seen[2:])
+    assert sorted(res1.artifacts) == sorted(res2.artifacts)
+    assert all(torch.equal(res1.artifacts[k], res2.artifacts[k]) for k in res1.artifacts)
+    assert res1.tables["awq_scales"] == res2.tables["awq_scales"]  # the same losses, to the bit
+    assert torch.equal(_logits(one), _logits(two))
+
+
+def test_stream_stages_only_when_every_stage_is_searched_in_order():
+    mapping = get_mapping(build_tiny_llama()[0])
+    attn, vo, mlp, down = mapping.groups
+    stages = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}
+    assert stream_stages(mapping, [attn, vo, mlp, down], None) == stages
+    assert stream_stages(mapping, [attn, mlp, down], None) == stages
+    assert stream_stages(mapping, [attn, mlp, down], torch.tensor([0])) is None  # search_tokens: a subset
+    assert stream_stages(mapping, [attn, down], None) is None  # the MLP stage's group is not searched
+    assert stream_stages(mapping, [mlp, attn, down], None) is None  # stages out of order
+    assert stream_stages(mapping, [attn, down, mlp], None) is None  # down's fold would precede the MLP's fp outputs

@@ -63,6 +63,10 @@ class ArchMapping:
             RoPE: where LLM-QAT quantizes the KV cache (per token, all heads jointly).
         sequential: GPTQ true-sequential order inside a block (each inner tuple shares one input
             and is quantized together, later subsets see earlier ones quantized).
+        residual: the block's pre-norm residual stages in order, ``(norm, module)``: the block computes
+            ``h = h + module(norm(h))`` for each and returns ``h`` (Llama: attention, then MLP). Empty
+            when the block is not of that form. AWQ then carries one activation stream through a block
+            instead of caching every inspected module's input and the block's outputs.
     """
 
     layers: str
@@ -72,6 +76,7 @@ class ArchMapping:
     groups: tuple[ScaleGroup, ...]
     sequential: tuple[tuple[str, ...], ...]
     kv: tuple[str, ...] = ()
+    residual: tuple[tuple[str, str], ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return cast(nn.ModuleList, model.get_submodule(self.layers))
@@ -117,6 +122,8 @@ LLAMA = ArchMapping(
         ("mlp.down_proj",),
     ),
     kv=("self_attn.k_proj", "self_attn.v_proj"),
+    # LlamaDecoderLayer.forward: h += self_attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
+    residual=(("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")),
 )
 
 # HF architecture name (config.architectures[0] / class name) -> mapping.
@@ -157,7 +164,7 @@ def _check(model: nn.Module, mapping: ArchMapping, arch: str) -> None:
         for g in mapping.groups:
             for rel in (g.prev, *g.linears, g.inspect):
                 block.get_submodule(rel)
-        for rel in mapping.kv:
+        for rel in (*mapping.kv, *(n for stage in mapping.residual for n in stage)):
             block.get_submodule(rel)
         for path in (*mapping.pre_blocks, mapping.final_norm, mapping.lm_head):
             model.get_submodule(path)

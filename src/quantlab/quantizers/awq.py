@@ -4,21 +4,34 @@ Per decoder block, with inputs computed by the *full-precision* previous blocks 
 no error propagation, as in the reference):
 
 1. ONE forward over the calibration set captures, for every scaling group, the per-channel sum of
-   ``|x|`` of its input (eq. 5's ``s_X``), the inputs and keyword arguments of its inspected module
-   (a whole attention or MLP; a Linear inspected on its own only needs ``X^T X``), and a fixed-stride
-   sample of 512 input tokens of every Linear the clip search will see (one per distinct input: the
-   Linears of a scaling group share theirs; the stride runs over the calibration tokens in the
-   engine's chunk order, which for fixed-length data is the set's order). Each of the block's input
-   chunks is freed once its forward is done (``collect(release_inputs=True)``).
+   ``|x|`` of its input (eq. 5's ``s_X``), what eq. 4's loss of its inspected module needs (a whole
+   attention or MLP: see below; a Linear inspected on its own only needs ``X^T X``), and a
+   fixed-stride sample of 512 input tokens of every Linear the clip search will see (one per distinct
+   input: the Linears of a scaling group share theirs; the stride runs over the calibration tokens in
+   the engine's chunk order, which for fixed-length data is the set's order).
 2. For each group in mapping order: the fp output of the inspected module once, then for each grid
    ratio the group's weights are set to ``Q(W s)/s`` and eq. 4's loss (fp32 MSE over all output
    elements) is measured; the original weights are restored from a saved copy. The best ``s`` is
    folded exactly (:func:`~quantlab.algorithms.smoothing.fold_scales`) and the cached inputs of the
-   group's Linears are divided by it (llm-awq ``apply_scale``). The search forwards go over the cached
-   inputs in batches of ``SEARCH_BATCH_TOKENS``; the loop runs under
+   group's Linears are divided by it (llm-awq ``apply_scale``). The search forwards go over the
+   calibration tokens in batches of ``SEARCH_BATCH_TOKENS``; the loop runs under
    :func:`~quantlab.utils.memory.repeated_allocations` (one heap working set for all candidates).
 3. Clip search for every target Linear except q/k (llm-awq ``auto_clip_block``), written into the
    weights; then RTN (:func:`~quantlab.formats.codes.rtn_linears_`) of the block's target Linears.
+
+**One stream per block** (the default for a pre-norm block, :attr:`ArchMapping.residual`, when every
+residual stage's norm -> module group is searched over every token). The reference keeps the input of
+every inspected module and the block's outputs: four activation streams at once with the attention's
+fp outputs. Here only the block's input stream ``h`` is kept; the inspected module's input is
+``norm(h)``, recomputed per search batch (the same op on the same rows as the block's own forward),
+and once a stage's group is searched, its fp outputs (eq. 4's reference, computed before any weight
+of the stage changed) are added to ``h`` in place: ``h + attn`` is the MLP stage's stream, and
+``h + attn + mlp`` the block's fp output (the same additions the block makes). The values are those
+of the reference schedule (the scale and clip searches see the same inputs; the outputs differ only
+where a GEMM rounds differently for another batch shape); the peak drops from four streams to two.
+Otherwise (``search_tokens`` set, other architectures, groups not selected) the inspected modules'
+inputs are cached and each of the block's input chunks is freed once its forward is done
+(``collect(release_inputs=True)``).
 
 Variable-length calibration data (``calib.sampling=documents``) arrives as unpadded equal-length
 chunks (:func:`~quantlab.calib.sequential.plan_chunks`), so every sum and loss covers exactly the real
@@ -39,12 +52,13 @@ from torch import nn
 
 from quantlab.algorithms import awq as A
 from quantlab.algorithms.smoothing import fold_scales
-from quantlab.calib.sequential import BlockContext, BlockData, on_device, run_sequential
+from quantlab.calib.sequential import BlockContext, check_finite, on_device, run_sequential
 from quantlab.errors import ConfigError
 from quantlab.formats.codes import rtn_linears_
 from quantlab.formats.spec import QuantFormat
 from quantlab.models.mappings import ArchMapping, ScaleGroup, get_mapping, relative_names
 from quantlab.quantizers import artifacts
+from quantlab.quantizers.awq_cache import BlockCache, clip_sources, search_sequences, stream_stages
 from quantlab.quantizers.base import BlockwiseQuantizer, CalibratedConfig, register_quantizer
 from quantlab.types import CalibData, QuantResult, RunContext
 from quantlab.utils.checks import is_int
@@ -53,8 +67,6 @@ from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
 
-NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")  # llm-awq auto_clip_block: clipping breaks QK^T
-SEARCH_BATCH_TOKENS = 1024  # tokens per search forward (memory bound; 2048 before: docs/performance.md)
 GQA_REASON = "prev and consumer shapes differ (grouped-query attention)"
 
 
@@ -107,90 +119,6 @@ def _out(o: Any) -> torch.Tensor:
     return o[0] if isinstance(o, tuple) else o
 
 
-def _take(value: Any, idx: torch.Tensor, batch: int) -> Any:
-    """Rows ``idx`` of every tensor in a module's kwargs whose first dim is the batch (others broadcast)."""
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, idx.to(value.device)) if batch > 1 and value.dim() and value.shape[0] == batch else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(v, idx, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: _take(v, idx, batch) for k, v in value.items()}
-    return value
-
-
-def search_sequences(n_samples: int, seqlen: float, search_tokens: int | None) -> torch.Tensor | None:
-    """Indices of the sequences eq. 4's loss uses: None (all) or ~search_tokens/seqlen, evenly strided.
-
-    ``seqlen`` is the tokens per sequence (the mean length for variable-length data).
-    """
-    if search_tokens is None:
-        return None
-    k = max(1, min(n_samples, round(search_tokens / seqlen)))
-    return torch.arange(k) * n_samples // k
-
-
-@dataclass
-class _BlockCache:
-    """What the block's single collect pass keeps (see the module docstring, step 1)."""
-
-    stat_names: set[str]
-    direct: set[str]
-    gram: set[str]
-    clip: set[str]  # names whose input is sampled for the clip search (one per distinct input)
-    step: int
-    keep: torch.Tensor | None
-    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = field(default_factory=dict)
-    grams: dict[str, torch.Tensor] = field(default_factory=dict)
-    gram_tokens: dict[str, int] = field(default_factory=dict)
-    clip_x: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    n_tokens: int = 0
-    _tok0: list[int] = field(default_factory=list)
-    _index: list[torch.Tensor] = field(default_factory=list)
-
-    def offsets(self, data: BlockData) -> None:
-        """First token of every chunk in the flattened calibration set, and each chunk's sequence positions."""
-        tok = 0
-        for h in data.hidden:
-            self._tok0.append(tok)
-            tok += h.shape[0] * h.shape[1]
-        self._index = list(data.index)
-        self.n_tokens = tok
-
-    def __call__(self, name: str, x: torch.Tensor, kw: dict[str, Any], chunk: int) -> None:
-        flat = x.reshape(-1, x.shape[-1])
-        dt = A.compute_dtype(x)
-        if name in self.stat_names:  # eq. 5's s_X: sum |x| over every token
-            s = sum(c.abs().sum(dim=0, dtype=dt) for c in flat.split(SEARCH_BATCH_TOKENS))  # bounded temporaries
-            self.abs_sum[name] = self.abs_sum[name] + s if name in self.abs_sum else s
-        if name in self.clip:  # llm-awq: tokens 0::step of the whole (flattened) calibration set
-            first = (-self._tok0[chunk]) % self.step
-            self.clip_x.setdefault(name, []).append(flat[first::self.step].to(dt, copy=True))
-        if name in self.direct or name in self.gram:
-            for xs, kws in self._search_batches(x, kw, chunk):
-                if name in self.direct:
-                    self.inputs.setdefault(name, []).append((xs, kws))
-                else:
-                    xf = xs.reshape(-1, xs.shape[-1]).to(dt)
-                    h = xf.T @ xf
-                    self.grams[name] = self.grams[name] + h if name in self.grams else h
-                    self.gram_tokens[name] = self.gram_tokens.get(name, 0) + xf.shape[0]
-
-    def _search_batches(self, x: torch.Tensor, kw: dict[str, Any], chunk: int):
-        """The chunk's search sequences in sub-batches of <= SEARCH_BATCH_TOKENS tokens (views when contiguous)."""
-        b = x.shape[0]
-        per = max(1, SEARCH_BATCH_TOKENS // max(x.shape[1], 1))
-        if self.keep is None:
-            for i in range(0, b, per):
-                idx = torch.arange(i, min(b, i + per))
-                yield x[i:i + per], (_take(kw, idx, b) if b > per else kw)
-            return
-        local = torch.isin(self._index[chunk], self.keep).nonzero().flatten()  # ascending rows of the chunk
-        for i in range(0, local.numel(), per):
-            idx = local[i:i + per]
-            yield x.index_select(0, idx.to(x.device)), _take(kw, idx, b)
-
-
 @register_quantizer("awq", AWQConfig)
 class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
     """AWQ: activation-aware scale search (eq. 4-5), clip search, then group-wise RTN."""
@@ -209,7 +137,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         cfg = self.config
         n, lengths = calib.n_samples, calib.lengths
         keep = search_sequences(n, calib.n_tokens / n, cfg.search_tokens)
-        st: dict[str, Any] = {"arts": {}, "rows": [], "skipped": {}, "clipped": 0,
+        st: dict[str, Any] = {"arts": {}, "rows": [], "skipped": {}, "clipped": 0, "one_stream": 0,
                               "ref": {} if ctx.keep_reference_weights else None,
                               "codes": {} if ctx.keep_codes else None}
         t0 = time.perf_counter()
@@ -220,7 +148,7 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             "n_layers": len(targets), "groups_searched": len(rows),
             "mean_best_ratio": sum(r["best_ratio"] for r in rows) / max(len(rows), 1),
             "groups_skipped": sorted(st["skipped"]), "groups_skipped_reason": dict(sorted(st["skipped"].items())),
-            "layers_clipped": st["clipped"], "duo_scaling": cfg.duo_scaling,
+            "layers_clipped": st["clipped"], "duo_scaling": cfg.duo_scaling, "one_stream_blocks": st["one_stream"],
             "search_tokens": calib.n_tokens if keep is None else sum(lengths[i] for i in keep.tolist()),
             "calib_tokens": calib.n_tokens, "search_s": round(time.perf_counter() - t0, 3),
         }
@@ -251,9 +179,11 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         groups, skipped = self._groups(b.block, b.mapping, b.name, targets)
         st["skipped"].update(skipped)
         rel_t = relative_names(sorted(targets), b.name)
-        cache, fp_out = self._capture(b, groups, rel_t, keep)  # frees the block's inputs as it goes
+        stages = stream_stages(b.mapping, groups, keep)
+        st["one_stream"] += stages is not None
+        cache, fp_out = self._capture(b, groups, rel_t, keep, stages)
         for i, g in enumerate(groups):
-            s, row = self._search_group(b, g, cache)
+            s, row = self._search_group(b, g, cache, stages)
             fold_scales(b.block, g, s)
             if g.linears[0] in cache.clip_x:  # llm-awq apply_scale: the cached input of the scaled Linears is x / s
                 cache.clip_x[g.linears[0]] = [x / s.to(x) for x in cache.clip_x[g.linears[0]]]
@@ -268,34 +198,50 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             st["ref"].update({b.full_name(r): b.linear(r).weight.detach().to("cpu", copy=True) for r in rel_t})
         samples = {src: torch.cat(xs) for src, xs in cache.clip_x.items()}
         cache.clip_x.clear()
-        for rel, src in _clip_sources(b.mapping, rel_t, cfg.clip).items():
+        for rel, src in clip_sources(b.mapping, rel_t, cfg.clip).items():
             w = b.linear(rel).weight
             m = A.search_clip(w.data, samples[src], cfg.format, cfg.clip_n_grid, cfg.clip_max_shrink)
             w.data.copy_(A.apply_clip(w.data, m, cfg.format))
             st["arts"][f"awq.clip.{b.full_name(rel)}"] = m.cpu()
             st["clipped"] += 1
         rtn_linears_(b.block, rel_t, cfg.format, st["codes"], prefix=f"{b.name}.")
+        if stages:  # the stream went past every stage: it is the block's fp output
+            fp_out = b.inputs.hidden
+            for ci, h in enumerate(fp_out):
+                check_finite(h, f"the output of {b.name} (chunk {ci})")
         return fp_out
 
-    def _capture(self, b: BlockContext, groups: list[ScaleGroup], rel_t: list[str], keep: torch.Tensor | None
-                 ) -> tuple[_BlockCache, list[torch.Tensor]]:
-        """The single collect pass (early_exit=False: the down_proj input is the last thing computed); it
-        runs the untouched block, so its outputs are the fp outputs the next block gets (``propagate="fp"``)."""
+    def _capture(self, b: BlockContext, groups: list[ScaleGroup], rel_t: list[str], keep: torch.Tensor | None,
+                 stages: dict[str, str] | None) -> tuple[BlockCache, list[torch.Tensor]]:
+        """The single collect pass over the untouched block (module docstring, step 1).
+
+        One-stream schedule (``stages``): the block's inputs stay (they become the stream), the stage
+        modules' keyword arguments are kept, and the forward stops once the last listed module has its
+        input. Otherwise early_exit=False (the down_proj input is the last thing computed): its outputs
+        are the fp outputs the next block gets (``propagate="fp"``), and each input chunk is freed once
+        its forward is done (the search works on the cached inputs of the inspected modules).
+        """
         cfg = self.config
         gram = {g.inspect for g in groups if g.linears == (g.inspect,) and isinstance(b.module(g.inspect), nn.Linear)}
-        clip = set(_clip_sources(b.mapping, rel_t, cfg.clip).values())
-        cache = _BlockCache(stat_names={g.linears[0] for g in groups}, direct={g.inspect for g in groups} - gram,
-                            gram=gram, clip=clip, step=A.sample_stride(b.inputs.n_tokens, cfg.clip_tokens), keep=keep)
+        clip = set(clip_sources(b.mapping, rel_t, cfg.clip).values())
+        kw_only = set(stages or ())
+        cache = BlockCache(stat_names={g.linears[0] for g in groups}, direct={g.inspect for g in groups} - gram - kw_only,
+                            gram=gram, clip=clip, step=A.sample_stride(b.inputs.n_tokens, cfg.clip_tokens), keep=keep,
+                            kw_only=kw_only)
         cache.offsets(b.inputs)
-        names = sorted(cache.stat_names | cache.direct | cache.gram | cache.clip)
-        # early_exit=False: never None; each input chunk is freed once its forward is done (the search
-        # works on the cached inputs of the inspected modules)
+        names = sorted(cache.stat_names | cache.direct | cache.gram | cache.clip | kw_only)
+        if stages:
+            b.collect(names, cache, early_exit=True)
+            return cache, []
         outs = b.collect(names, cache, early_exit=False, release_inputs=True)
         return cache, outs if outs is not None else []
 
-    def _search_group(self, b: BlockContext, g: ScaleGroup, cache: _BlockCache) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Eq. 5's grid search for one group: ``(best s, table row)``."""
+    def _search_group(self, b: BlockContext, g: ScaleGroup, cache: BlockCache, stages: dict[str, str] | None
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Eq. 5's grid search for one group: ``(best s, table row)``; a stage group of the one-stream
+        schedule then moves the stream past its stage (``h += module(norm(h))``, fp values)."""
         cfg = self.config
+        stream: list | None = None
         lins = [b.linear(n) for n in g.linears]
         orig = [lin.weight.data.clone() for lin in lins]
         x_mean = cache.abs_sum[g.linears[0]] / cache.n_tokens
@@ -306,7 +252,20 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
             def loss_of(s: torch.Tensor) -> float:
                 return A.quadratic_loss(A.scaled_fake_quant(orig[0], s, cfg.format), orig[0], gram, n_tok)
         else:
-            loss_of = self._module_loss(b.module(g.inspect), lins, orig, cache.inputs[g.inspect])
+            mod = b.module(g.inspect)
+            if stages and g.inspect in stages:
+                norm = b.module(stages[g.inspect])
+                batches = stream = cache.stream_batches(b.inputs.hidden, g.inspect)
+
+                def fwd(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+                    return _out(mod(norm(x), **kw))
+            else:
+                batches = cache.inputs[g.inspect]
+
+                def fwd(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+                    return _out(mod(x, **kw))
+            refs = [fwd(x, kw) for x, kw in batches]  # eq. 4's reference: the fp outputs, once
+            loss_of = self._module_loss(fwd, lins, orig, batches, refs)
         losses: list[float] = []
         best: tuple[float, float, torch.Tensor | None] = (float("inf"), -1.0, None)
         try:
@@ -321,13 +280,17 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                 lin.weight.data.copy_(w0)
         if best[2] is None:
             raise FloatingPointError(f"awq: no finite scale-search loss for {b.name}.{g.key} (losses {losses[:3]}...)")
+        if stream is not None:  # the block's own residual addition, on the same values
+            for (x, _kw), ref in zip(stream, refs):
+                x.add_(ref)
         return best[2], {"best_ratio": best[1], "loss_best": best[0], "loss_ratio0": losses[0]}
 
-    def _module_loss(self, mod: nn.Module, lins: list[nn.Linear], orig: list[torch.Tensor], batches: list):
-        """Eq. 4 through the inspected module: fp outputs once, then per candidate ``mean((f(X; Q(Ws)/s) - f(X; W))^2)``."""
+    def _module_loss(self, fwd: Any, lins: list[nn.Linear], orig: list[torch.Tensor], batches: list,
+                     refs: list[torch.Tensor]):
+        """Eq. 4 through the inspected module ``fwd``: per candidate ``mean((f(X; Q(Ws)/s) - f(X; W))^2)``,
+        ``refs`` the fp outputs ``f(X; W)`` of ``batches``."""
         fmt = self.config.format
         dt = A.compute_dtype(orig[0])
-        refs = [_out(mod(x, **kw)).to(dt) for x, kw in batches]
         numel = sum(r.numel() for r in refs)
 
         def loss_of(s: torch.Tensor) -> float:
@@ -335,8 +298,8 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
                 lin.weight.data.copy_(A.scaled_fake_quant(w0, s, fmt))
             total = 0.0
             for (x, kw), ref in zip(batches, refs):
-                out = _out(mod(x, **kw))
-                d = out.sub_(ref) if out.dtype == dt else out.to(dt).sub_(ref)
+                out = fwd(x, kw)
+                d = out.sub_(ref) if out.dtype == dt else out.to(dt).sub_(ref.to(dt))
                 total += float(torch.dot(d.view(-1), d.view(-1)))
             return total / numel
 
@@ -366,15 +329,3 @@ class AWQQuantizer(BlockwiseQuantizer[AWQConfig]):
         log.info("awq: re-applied scales and %d clips from %s", n_clip, src)
         return QuantResult(model=model, quantized_layers=sorted(targets), codes=codes,
                            summary={"n_layers": len(targets), "layers_clipped": n_clip, "loaded_from": str(src)})
-
-
-def _clip_sources(mapping: ArchMapping, rels: list[str], clip: bool) -> dict[str, str]:
-    """``Linear -> module whose input is its input`` for the Linears the clip search covers (all but q/k).
-
-    The Linears of a scaling group share one input (:class:`ScaleGroup`), observed at the group's first
-    Linear, so e.g. v_proj's sample is q_proj's input and up_proj's is gate_proj's.
-    """
-    if not clip:
-        return {}
-    first = {lin: g.linears[0] for g in mapping.groups for lin in g.linears}
-    return {r: first.get(r, r) for r in rels if not any(t in r.rsplit(".", 1)[-1] for t in NO_CLIP)}
