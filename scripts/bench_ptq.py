@@ -10,7 +10,12 @@ calibration tokens, and reports:
   own size. The loaded weights are first copied into private memory (transformers maps the
   safetensors file; a method writing a mapped weight would otherwise show the page's copy-on-write
   as its own allocation), and the baseline is taken after ``malloc_trim`` so freed loader buffers do
-  not hide the method's allocations; Python/torch runtime memory (``rss_after_imports_gb``) is excluded;
+  not hide the method's allocations; Python/torch runtime memory (``rss_after_imports_gb``) is excluded.
+  As in ``python -m quantlab`` (load, calibration set, quantize, evaluate), nothing runs between
+  loading and quantizing: the unquantized model's held-out logits for ``out_mse`` come from a child
+  of their own (a full-model forward before the timed call would leave its freed transients in the
+  heap, where the method's small allocations then land: AWQ 1.40x vs 1.24x, see
+  ``experiments/2026-12-peers-smollm2``);
 * ``ppl``: code perplexity, GPTQ protocol (non-overlapping 512-token windows, no BOS) on the
   standard-library evaluation corpus (disjoint from the ``stdlib_calib`` calibration corpus);
   ``ppl_json512``: the same on its first window only (the first 512 tokens of json/decoder.py),
@@ -76,6 +81,20 @@ def _logits(model: Any, windows: list[Any]) -> list[Any]:
         return [model(input_ids=w[None]).logits[0].float() for w in windows]
 
 
+def _held_out(tok: Any) -> list[Any]:
+    """Four held-out 512-token windows for out_mse: after the perplexity windows' first 512 tokens."""
+    import torch
+
+    from quantlab.data.text import encode_text, read_texts, resolve_paths
+
+    texts = read_texts(resolve_paths("stdlib", "bench.eval"), "bench.eval")
+    eval_ids = torch.tensor(encode_text(tok, "\n\n".join(texts)), dtype=torch.int64)
+    return [eval_ids[(i + 1) * 512:(i + 2) * 512] for i in range(4)]
+
+
+FP_LOGITS = "__fp_logits__"  # child mode: write the unquantized model's held-out logits to --fp-logits
+
+
 def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Child process: load, quantize, evaluate one method; returns the result row."""
     import psutil
@@ -83,7 +102,6 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import quantlab.quantizers  # noqa: F401  (registers every method)
     from quantlab.calib.datasets import CalibConfig, build_calib
-    from quantlab.data.text import encode_text, read_texts, resolve_paths
     from quantlab.evals.perplexity import PerplexityEval
     from quantlab.models.loaders import ModelConfig, load_model
     from quantlab.quantizers.base import QUANTIZERS
@@ -99,13 +117,11 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     materialize(model)
     model_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    if variant == FP_LOGITS:  # the reference logits for out_mse, from the unquantized model, once per run
+        torch.save(_logits(model, _held_out(tok)), args.fp_logits)
+        return {}
     calib = build_calib(CalibConfig(source="local", path="stdlib_calib", sampling="random_windows",
                                     n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=0), tok)
-    texts = read_texts(resolve_paths("stdlib", "bench.eval"), "bench.eval")
-    eval_ids = torch.tensor(encode_text(tok, "\n\n".join(texts)), dtype=torch.int64)
-    # held-out windows for out_mse: after the perplexity windows' first 512 tokens, still in the eval corpus
-    held_out = [eval_ids[(i + 1) * 512:(i + 2) * 512] for i in range(4)]
-    fp_logits = _logits(model, held_out)
 
     name, extra = VARIANTS[variant]
     cls = QUANTIZERS.get(name)
@@ -121,8 +137,9 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         result = quantizer.quantize(model, calib if quantizer.needs_calibration() else None, ctx)
         quant_s = time.perf_counter() - t0
     model = result.model
-    q_logits = _logits(model, held_out)
-    out_mse = float(sum(((a - b) ** 2).mean() for a, b in zip(q_logits, fp_logits)) / len(held_out))
+    q_logits = _logits(model, _held_out(tok))
+    fp_logits = torch.load(args.fp_logits)
+    out_mse = float(sum(((a - b) ** 2).mean() for a, b in zip(q_logits, fp_logits)) / len(fp_logits))
     ppl = PerplexityEval(name="local", dataset="local", path="stdlib", seqlen=512, max_windows=args.ppl_windows)
     ppl1 = PerplexityEval(name="json512", dataset="local", path="stdlib", seqlen=512, max_windows=1)
     row = {
@@ -179,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/bench_ptq.json")
     p.add_argument("--workdir", default="results/bench_ptq_runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--fp-logits", help=argparse.SUPPRESS)  # child mode: the reference logits file
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.one:
@@ -192,18 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     from quantlab.utils.paths import cache_dir
 
     ensure_smollm2(cache_dir())  # fetch once, outside the timed children
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    fp_logits = str(Path(args.workdir) / "fp_heldout_logits.pt")
     rows = []
-    for m in methods:
+    for m in [FP_LOGITS, *methods]:
         cmd = [sys.executable, __file__, "--one", m, "--calib-samples", str(args.calib_samples),
                "--calib-seqlen", str(args.calib_seqlen), "--group-size", str(args.group_size),
-               "--ppl-windows", str(args.ppl_windows), "--workdir", args.workdir]
+               "--ppl-windows", str(args.ppl_windows), "--workdir", args.workdir, "--fp-logits", fp_logits]
         log.info("running %s", m)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
             log.error("method %s failed (exit %d)", m, proc.returncode)
             return 1
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        if m == FP_LOGITS:
+            continue
+        rows.append(row)
         log.info("%s: %s", m, {k: rows[-1][k] for k in ("quant_s", "ppl", "out_mse")})
     ratios = report(rows)
     out = Path(args.out)
