@@ -271,6 +271,33 @@ def test_collect_releasing_inputs_frees_each_chunk_after_its_forward(tiny64):
     assert torch.equal(got, tiny64.model.layers[1].input_layernorm(hidden[1]))
 
 
+def test_forward_releasing_inputs_gives_the_same_outputs(tiny64):
+    """The engine's last pass over a finished block frees each input chunk once its forward is done."""
+    got = []
+
+    def fn(ctx: BlockContext):
+        want = ctx.forward()
+        sizes = []
+        block_forward = ctx.block.forward
+
+        def spy(*a, **k):
+            sizes.append([h.numel() for h in ctx.inputs.hidden])
+            return block_forward(*a, **k)
+
+        ctx.block.forward = spy
+        try:
+            outs = ctx.forward(release_inputs=True)
+        finally:
+            del ctx.block.forward
+        assert ctx.inputs.hidden == [] and all(torch.equal(a, b) for a, b in zip(outs, want))
+        got.append(sizes)
+        return outs
+
+    run_sequential(tiny64, get_mapping(tiny64), _tokens(5, 16), fn, device=CPU, batch_size=2, returns_outputs=True)
+    # 3 chunks: before chunk i's forward, chunks < i are already freed
+    assert [[n == 0 for n in sz[:i]] for i, sz in enumerate(got[0])] == [[], [True], [True, True]]
+
+
 # ------------------------------------------------------------------ variable-length calibration data
 def _seqs(lengths, seed=3):
     g = torch.Generator().manual_seed(seed)

@@ -213,6 +213,21 @@ def test_damping_escalation_is_recorded():
         gptq_quantize_weight(W, bad, W4G16, damp=0.01, damp_increment=0.01, max_damp=0.05)
 
 
+def test_inverse_hessian_factor_is_the_reference_chain():
+    """U = chol(cholesky_inverse(chol(H + lambda I)), upper), computed in place, equals the reference's
+    three new tensors bit for bit; H keeps its (damped) values for a retry."""
+    from quantlab.algorithms.gptq import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 96, generator=g)
+    H = x.T @ x / 400
+    Hd = H.clone()
+    Hd.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    U, d = inverse_hessian_factor(H, 0.01, 0.01, 1.0)
+    assert d == 0.01 and torch.equal(U, ref) and torch.equal(H, Hd)
+
+
 def _linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 

@@ -252,13 +252,21 @@ class BlockContext:
         return f"{self.name}.{rel}"
 
     @torch.no_grad()
-    def forward(self) -> list[torch.Tensor]:
-        """The block's outputs for every chunk (with its current weights)."""
+    def forward(self, *, release_inputs: bool = False) -> list[torch.Tensor]:
+        """The block's outputs for every chunk (with its current weights).
+
+        ``release_inputs``: each input chunk is freed once its forward is done (as in :meth:`collect`), so
+        the input and output streams are never both whole: for the engine's last pass over a finished block.
+        """
         outs = []
         for i, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
             out = _block_output(self.block(h, **kw))
             check_finite(out, f"the output of {self.name} (chunk {i})")
             outs.append(out)
+            if release_inputs:
+                self.inputs.hidden[i] = h.new_empty(0)  # freed with the loop's reference, next chunk
+        if release_inputs:
+            self.release_inputs()
         return outs
 
     @torch.no_grad()
@@ -373,7 +381,8 @@ def run_sequential(
                     ret = fn(ctx)
                     if returns_outputs and ret is None:
                         raise RuntimeError(f"{desc}: the block callback returned no outputs for {ctx.name}")
-                    outs = fp_out if fp_out is not None else (ret if ret is not None else ctx.forward())
+                    # the block is done: its last forward frees each input chunk as it goes
+                    outs = fp_out if fp_out is not None else (ret if ret is not None else ctx.forward(release_inputs=True))
                 data = BlockData(hidden=outs, kwargs=data.kwargs, index=data.index)
                 del ctx, fp_out, ret, outs
                 release_freed_memory()  # the block's transients, back to the OS (utils.memory)
