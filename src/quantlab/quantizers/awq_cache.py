@@ -39,7 +39,7 @@ def search_sequences(n_samples: int, seqlen: float, search_tokens: int | None) -
 
 @dataclass
 class BlockCache:
-    """What the block's single collect pass keeps (see the module docstring, step 1)."""
+    """What the block's single collect pass keeps (:mod:`quantlab.quantizers.awq` docstring, step 1)."""
 
     stat_names: set[str]
     direct: set[str]
@@ -108,7 +108,7 @@ class BlockCache:
 
 
 def stream_stages(mapping: ArchMapping, groups: list[ScaleGroup], keep: torch.Tensor | None) -> dict[str, str] | None:
-    """``module -> norm`` of the residual stages when the one-stream schedule applies (module docstring), else None.
+    """``module -> norm`` of the residual stages when the one-stream schedule applies (:mod:`quantlab.quantizers.awq`), else None.
 
     It needs every calibration token in the search (``keep`` None), each stage's ``norm -> [...]`` group
     (inspecting the stage's module) among ``groups``, the stages searched in order, and no other group
