@@ -206,6 +206,10 @@ def capture_block_inputs(
     return data
 
 
+def _no_input(_name: str, _x: torch.Tensor, _kw: dict[str, Any], _chunk: int) -> None:
+    """The :data:`InputFn` of a plain forward (no module is watched)."""
+
+
 def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -258,16 +262,7 @@ class BlockContext:
         ``release_inputs``: each input chunk is freed once its forward is done (as in :meth:`collect`), so
         the input and output streams are never both whole: for the engine's last pass over a finished block.
         """
-        outs = []
-        for i, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
-            out = _block_output(self.block(h, **kw))
-            check_finite(out, f"the output of {self.name} (chunk {i})")
-            outs.append(out)
-            if release_inputs:
-                self.inputs.hidden[i] = h.new_empty(0)  # freed with the loop's reference, next chunk
-        if release_inputs:
-            self.release_inputs()
-        return outs
+        return cast(list[torch.Tensor], self.collect([], _no_input, early_exit=False, release_inputs=release_inputs))
 
     @torch.no_grad()
     def collect(self, names: Sequence[str], fn: InputFn, early_exit: bool = True, *,
