@@ -128,3 +128,65 @@ def test_lockstep_refuses_chunks_that_diverge_and_cleans_up():
     with pytest.raises(ValueError, match="barrier failed"):
         lockstep_forward(_ctx_of(blk, [torch.randn(2, 2, 4)] * 2), [["b"]], lambda *a: None, boom)
     assert not blk.b._forward_pre_hooks
+
+
+def _block0(model, calib, batch_size, mapping):
+    from quantlab.calib.sequential import capture_block_inputs
+
+    data = capture_block_inputs(model, mapping, calib.tokens, device=torch.device("cpu"), batch_size=batch_size)
+    return BlockContext(0, "model.layers.0", mapping.blocks(model)[0], data, mapping, torch.device("cpu"))
+
+
+def _halve_at_barriers(ctx, seen):
+    subsets = [list(s) for s in ctx.mapping.sequential]
+
+    def on_barrier(name):  # a change the later barriers and the outputs must see
+        seen.append((name, [h.numel() for h in ctx.inputs.hidden]))
+        for n in subsets[[s[0] for s in subsets].index(name)]:
+            ctx.module(n).weight.data.mul_(0.5)
+
+    return lockstep_forward(ctx, subsets, lambda *a: None, on_barrier, release_inputs=True)
+
+
+def test_the_tail_ends_chunks_at_down_proj_and_gives_the_same_outputs():
+    """With the mapping's residual + outputs, chunks 1.. end their forward at down_proj (their inputs are
+    freed before the barrier opens) and their outputs are residual + down_proj(x): bit for bit the
+    outputs of the plain lockstep (a mapping without ``outputs``) and of a plain forward."""
+    import dataclasses
+
+    from quantlab.calib.lockstep import residual_tail
+
+    calib = _calib(n=8, t=16)
+    mapping = get_mapping(build_tiny_llama()[0])
+    plain_mapping = dataclasses.replace(mapping, outputs=())
+    assert residual_tail(mapping, mapping.sequential) == ("post_attention_layernorm", "mlp.down_proj")
+    assert residual_tail(plain_mapping, mapping.sequential) is None
+    assert residual_tail(mapping, mapping.sequential[:3]) is None  # down_proj is not a barrier
+    results = {}
+    for label, mp in (("tail", mapping), ("plain", plain_mapping)):
+        model, _ = build_tiny_llama(dtype=F64)
+        ctx = _block0(model, calib, 3, mp)  # chunks of 3, 3, 2 sequences
+        n = [h.numel() for h in ctx.inputs.hidden]
+        seen: list = []
+        outs = _halve_at_barriers(ctx, seen)
+        with torch.no_grad():
+            fresh = _block0(model, calib, 3, mp)  # block 0's weights are all halved now
+            ref = fresh.forward()
+        assert all(torch.equal(o, r) for o, r in zip(outs, ref))
+        results[label] = (outs, seen, n)
+    (outs, seen, n), (plain_outs, plain_seen, _) = results["tail"], results["plain"]
+    assert all(torch.equal(a, b) for a, b in zip(outs, plain_outs))
+    assert seen[-1] == ("mlp.down_proj", [n[0], 0, 0])  # chunks 1 and 2 ended, their inputs freed
+    assert plain_seen[-1] == ("mlp.down_proj", n)
+
+
+def test_a_mapping_that_does_not_describe_the_block_is_caught():
+    import dataclasses
+
+    calib = _calib(n=4, t=16)
+    model, _ = build_tiny_llama(dtype=F64)
+    mapping = get_mapping(model)
+    wrong = dataclasses.replace(mapping, residual=(("post_attention_layernorm", "self_attn"), ("input_layernorm", "mlp")))
+    ctx = _block0(model, calib, 2, wrong)  # the kept "residual" is the block's input, not the mid-block one
+    with pytest.raises(LockstepError, match="not input_layernorm's input"):
+        _halve_at_barriers(ctx, [])

@@ -67,6 +67,10 @@ class ArchMapping:
             ``h = h + module(norm(h))`` for each and returns ``h`` (Llama: attention, then MLP). Empty
             when the block is not of that form. AWQ then carries one activation stream through a block
             instead of caching every inspected module's input and the block's outputs.
+        outputs: ``(module, linear)``: the module returns that Linear's output as it is (Llama: the MLP
+            returns ``down_proj``'s). With ``residual``, the block's output is then the last stage's
+            residual plus that Linear's output, which lets the lockstep forward end a chunk at the
+            Linear (:func:`quantlab.calib.lockstep.lockstep_forward`; checked bit for bit on one chunk).
     """
 
     layers: str
@@ -77,6 +81,7 @@ class ArchMapping:
     sequential: tuple[tuple[str, ...], ...]
     kv: tuple[str, ...] = ()
     residual: tuple[tuple[str, str], ...] = ()
+    outputs: tuple[tuple[str, str], ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return cast(nn.ModuleList, model.get_submodule(self.layers))
@@ -124,6 +129,8 @@ LLAMA = ArchMapping(
     kv=("self_attn.k_proj", "self_attn.v_proj"),
     # LlamaDecoderLayer.forward: h += self_attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
     residual=(("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")),
+    # LlamaMLP.forward: return down_proj(act_fn(gate_proj(x)) * up_proj(x))
+    outputs=(("mlp", "mlp.down_proj"),),
 )
 
 # HF architecture name (config.architectures[0] / class name) -> mapping.
@@ -164,7 +171,7 @@ def _check(model: nn.Module, mapping: ArchMapping, arch: str) -> None:
         for g in mapping.groups:
             for rel in (g.prev, *g.linears, g.inspect):
                 block.get_submodule(rel)
-        for rel in (*mapping.kv, *(n for stage in mapping.residual for n in stage)):
+        for rel in (*mapping.kv, *(n for stage in (*mapping.residual, *mapping.outputs) for n in stage)):
             block.get_submodule(rel)
         for path in (*mapping.pre_blocks, mapping.final_norm, mapping.lm_head):
             model.get_submodule(path)

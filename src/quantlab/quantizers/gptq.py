@@ -189,7 +189,7 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
             done.add(name)
 
         done: set[str] = set()
-        outs = lockstep_forward(bctx, subsets, on_input, on_barrier)  # a subset pauses at whichever Linear runs first
+        outs = lockstep_forward(bctx, subsets, on_input, on_barrier, release_inputs=True)  # pauses at a subset's first Linear
         if len(done) != len(subsets):
             raise RuntimeError(f"{bctx.name}: subsets {[n for n in first if n not in done]} never ran")
         return outs
