@@ -213,19 +213,70 @@ def test_damping_escalation_is_recorded():
         gptq_quantize_weight(W, bad, W4G16, damp=0.01, damp_increment=0.01, max_damp=0.05)
 
 
-def test_inverse_hessian_factor_is_the_reference_chain():
-    """U = chol(cholesky_inverse(chol(H + lambda I)), upper), computed in place, equals the reference's
-    three new tensors bit for bit; H keeps its (damped) values for a retry."""
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_inputs_are_left_alone_unless_consumed(dtype, act_order):
+    """Without consume_h / consume_w the caller's W and H are not changed (also by the dead-column fix
+    and the damping); handed over, the same results come out."""
+    W, _, H = _problem()
+    W, H = W.to(dtype), H.to(dtype)
+    H[7, :] = H[:, 7] = 0
+    W0, H0 = W.clone(), H.clone()
+    kw = dict(block_size=16, act_order=act_order, static_groups=act_order)
+    res = gptq_quantize_weight(W, H, W4G16, **kw)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+    again = gptq_quantize_weight(W0.clone(), H0.clone(), W4G16, consume_h=True, consume_w=True, **kw)
+    for f in ("codes", "scales", "zeros", "g_idx", "weight", "row_loss"):
+        assert torch.equal(getattr(res, f), getattr(again, f)), f
+    assert res.loss == again.loss and res.dead_columns == again.dead_columns == 1
+
+
+def _reference_chain(Hd):
+    """The reference ``fasterquant``'s U: chol(cholesky_inverse(chol(Hd)), upper)."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_inverse_hessian_factor_is_the_reference_chain(dtype):
+    """U = P chol(P Hd P)^-1 P (one Cholesky, one in-place triangular inverse) is the reference chain's
+    matrix up to rounding: upper triangular with a positive diagonal; H keeps its (damped) values. 401
+    columns: several row blocks of the triangular inverse (128) with a remainder, an odd order (the middle
+    element of the in-place reversal) and more than one reversal chunk."""
     from quantlab.algorithms.gptq import inverse_hessian_factor
 
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(400, 96, generator=g)
-    H = x.T @ x / 400
+    x = torch.randn(1000, 401, generator=g, dtype=dtype)
+    H = x.T @ x / 1000
     Hd = H.clone()
     Hd.diagonal().add_(0.01 * float(H.diagonal().mean()))
-    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    ref = _reference_chain(Hd)
     U, d = inverse_hessian_factor(H, 0.01, 0.01, 1.0)
-    assert d == 0.01 and torch.equal(U, ref) and torch.equal(H, Hd)
+    assert d == 0.01 and torch.equal(H, Hd)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    # measured max |U - ref| (max |ref| = 1.35): fp64 8.9e-16 (relative to the entry up to 1.7e-11, on the
+    # smallest entries, ~2e-6: hence atol), fp32 3.6e-7
+    if dtype == F64:
+        assert torch.allclose(U, ref, rtol=1e-10, atol=1e-14)
+    else:
+        assert torch.allclose(U, ref, rtol=0, atol=2e-6)
+
+
+def test_inverse_hessian_factor_escalates_damping():
+    """An indefinite H: the factorisation fails while H_00 + lambda < 0; H ends with the damping that
+    worked and U is then the reference chain's; past max_damp it raises."""
+    from quantlab.algorithms.gptq import HessianNotPositiveDefinite, inverse_hessian_factor
+
+    bad = torch.eye(200, dtype=F64) + 0.01 * torch.ones(200, 200, dtype=F64)
+    bad[0, 0] = -0.6
+    mean_diag = float(bad.diagonal().clone().mean())  # (199 * 1.01 - 0.6) / 200, summed as the function does
+    H = bad.clone()
+    U, d = inverse_hessian_factor(H, 0.01, 0.5, 2.0)  # lambda 0.01, 0.511 fail; 1.012 works
+    Hd = bad.clone()
+    Hd.diagonal().copy_(bad.diagonal() + d * mean_diag)
+    assert d == pytest.approx(1.01) and torch.equal(H, Hd)
+    assert torch.equal(U, U.triu()) and torch.allclose(U, _reference_chain(Hd), rtol=1e-10, atol=1e-14)
+    with pytest.raises(HessianNotPositiveDefinite, match="not positive definite even with damping 0.05"):
+        inverse_hessian_factor(bad.clone(), 0.01, 0.01, 0.05)
 
 
 def _linears(model):
