@@ -12,6 +12,12 @@ column q (paper eq. 2, with eq. 3 then removing q from H^-1) is::
 and GPTQ computes all rows of ``H^-1`` it needs at once as the upper Cholesky factor U of the damped
 ``H^-1`` (paper section "Step 3: Cholesky reformulation"), applying the updates in lazy batches of
 ``block_size`` columns (section "Step 2"; Algorithm 1). No hooks and no model knowledge live here.
+
+Floating-point order (the same math as the reference, sums in another order): U is computed with one
+Cholesky factorisation and a triangular inverse (:func:`inverse_hessian_factor`), and the in-block
+updates of line 8 are sub-blocked (``_INNER_BLOCK``). Codes can therefore differ from the reference's
+where a weight lies within rounding of a rounding boundary: measured 0 to 4.2e-5 of the codes on
+SmolLM2-135M's shapes in float32, none on the float64 problems of ``tests/test_gptq.py``.
 """
 from __future__ import annotations
 
