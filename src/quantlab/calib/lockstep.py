@@ -24,8 +24,8 @@ norm's input) and the Linear's input, and its forward ends, which frees its fram
 and, with ``release_inputs``, its block input. After the barrier its output is computed as HF's
 decoder layer does, ``residual + linear(x)``. Chunk 0 still runs its whole forward, and its output
 must equal that sum bit for bit (else :class:`LockstepError`), so a mapping that does not describe the
-block is caught in its first block. SmolLM2 (8 chunks of 4 x 256 tokens): 8.7 MB held per chunk at
-``down_proj`` instead of 13.5 MB.
+block is caught in its first block. SmolLM2 (8 chunks of 4 x 256 tokens, fp32; from the tensors'
+sizes): 8.7 MB per chunk at ``down_proj`` instead of 13.5 MB.
 """
 from __future__ import annotations
 
