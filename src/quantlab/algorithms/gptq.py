@@ -291,7 +291,8 @@ def gptq_quantize_weight(
 
     Args:
         W: weight (out, in); not modified (unless ``consume_w``: the caller's own copy, e.g. the stacked
-            weights of a subset, is then worked on in place). Math runs in float32 (float64 stays float64).
+            weights of a subset, may then have its dead columns zeroed in place instead of being copied;
+            the loop works on a transposed copy either way). Math runs in float32 (float64 stays float64).
         H: Hessian (in, in), e.g. :class:`HessianAccumulator` ``.H``; not modified, unless ``consume_h``
             (the caller hands it over, e.g. :meth:`HessianAccumulator.take`: no copy is made).
         fmt: integer format (bits, group size, symmetry, zero convention).
