@@ -298,6 +298,45 @@ def test_forward_releasing_inputs_gives_the_same_outputs(tiny64):
     assert [[n == 0 for n in sz[:i]] for i, sz in enumerate(got[0])] == [[], [True], [True, True]]
 
 
+def test_reuse_heap_runs_the_pass_in_one_working_set_with_the_same_values(tiny64, monkeypatch):
+    """``reuse_heap``: the chunk loop runs inside ``repeated_allocations`` (only the allocator's
+    thresholds change), with the same inputs seen and the same outputs; the engine's own last pass
+    over a block whose callback returns nothing uses it (GPTQ at llm-compressor's schedule)."""
+    import contextlib
+
+    import quantlab.calib.sequential as seq
+
+    state = {"inside": False, "entered": 0}
+
+    @contextlib.contextmanager
+    def spy():
+        state["inside"], state["entered"] = True, state["entered"] + 1
+        try:
+            yield
+        finally:
+            state["inside"] = False
+
+    monkeypatch.setattr(seq, "repeated_allocations", spy)
+    where = []
+
+    def fn(ctx: BlockContext) -> None:
+        seen = {False: [], True: []}
+        outs = {}
+        for reuse in (False, True):
+            outs[reuse] = ctx.collect(["mlp.down_proj"], lambda n, x, kw, ci, r=reuse: seen[r].append(
+                (x.clone(), state["inside"])), early_exit=False, reuse_heap=reuse)
+        assert [x for x, _ in seen[False]] and all(torch.equal(a[0], b[0]) for a, b in zip(seen[False], seen[True]))
+        assert [i for _, i in seen[False]] == [False] * 3 and [i for _, i in seen[True]] == [True] * 3
+        assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+        assert all(torch.equal(a, b) for a, b in zip(ctx.forward(reuse_heap=True), outs[False]))
+        block_forward = ctx.block.forward
+        ctx.block.forward = lambda *a, **k: (where.append(state["inside"]), block_forward(*a, **k))[1]
+
+    run_sequential(tiny64, get_mapping(tiny64), _tokens(5, 16), fn, device=CPU, batch_size=2)
+    # per block: one collect and one forward with it, then the engine's last pass (3 chunks, all inside)
+    assert state["entered"] == 3 * len(tiny64.model.layers) and where == [True] * 3 * len(tiny64.model.layers)
+
+
 # ------------------------------------------------------------------ variable-length calibration data
 def _seqs(lengths, seed=3):
     g = torch.Generator().manual_seed(seed)

@@ -120,6 +120,8 @@ def finish(args: argparse.Namespace, ids: torch.Tensor, sampler: "_measure.RssSa
         "peer": peer_dist,
         "method": args.method,
         "quant_s": sampler.elapsed_s,
+        "quant_cpu_s": sampler.cpu_s,
+        "minor_faults": sampler.minor_faults,
         "peak_rss_bytes": sampler.peak,
         "rss_start_bytes": sampler.start,
         "rss_after_load_bytes": rss_after_load,

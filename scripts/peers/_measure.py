@@ -12,6 +12,7 @@ import gc
 import importlib.metadata
 import json
 import logging
+import resource
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,9 @@ class RssSampler:
 
     ``start`` is the RSS at ``__enter__`` (taken right after gc + malloc_trim),
     ``peak`` the maximum seen (including the start and exit samples),
-    ``elapsed_s`` the perf_counter time between enter and exit.
+    ``elapsed_s`` the perf_counter time between enter and exit, ``cpu_s`` the process's CPU time (user +
+    system) and ``minor_faults`` its minor page faults in that span (every first touch of freshly mapped
+    memory is one: what an allocator that maps and unmaps its tensors pays).
     """
 
     def __init__(self, interval_s: float = SAMPLE_INTERVAL_S):
@@ -53,6 +56,9 @@ class RssSampler:
         self.end = 0
         self.samples = 0
         self.elapsed_s = 0.0
+        self.cpu_s = 0.0
+        self.minor_faults = 0
+        self._ru0: resource.struct_rusage | None = None
         self._proc = psutil.Process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,11 +78,16 @@ class RssSampler:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
         self._thread.start()
+        self._ru0 = resource.getrusage(resource.RUSAGE_SELF)
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.elapsed_s = time.perf_counter() - self._t0
+        ru, ru0 = resource.getrusage(resource.RUSAGE_SELF), self._ru0
+        if ru0 is not None:
+            self.cpu_s = (ru.ru_utime - ru0.ru_utime) + (ru.ru_stime - ru0.ru_stime)
+            self.minor_faults = ru.ru_minflt - ru0.ru_minflt
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

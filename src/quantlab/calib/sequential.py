@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -57,7 +57,7 @@ from quantlab.calib.chunks import (  # noqa: F401  (re-exported: the engine's pu
 from quantlab.errors import DataError
 from quantlab.models.mappings import ArchMapping
 from quantlab.models.offload import execution_device, is_offloaded, materialized
-from quantlab.utils.memory import bounded_heap, release_freed_memory
+from quantlab.utils.memory import bounded_heap, release_freed_memory, repeated_allocations
 from quantlab.utils.torch_utils import get_linear
 
 log = logging.getLogger(__name__)
@@ -256,17 +256,19 @@ class BlockContext:
         return f"{self.name}.{rel}"
 
     @torch.no_grad()
-    def forward(self, *, release_inputs: bool = False) -> list[torch.Tensor]:
+    def forward(self, *, release_inputs: bool = False, reuse_heap: bool = False) -> list[torch.Tensor]:
         """The block's outputs for every chunk (with its current weights).
 
         ``release_inputs``: each input chunk is freed once its forward is done (as in :meth:`collect`), so
         the input and output streams are never both whole: for the engine's last pass over a finished block.
+        ``reuse_heap``: as in :meth:`collect`.
         """
-        return cast(list[torch.Tensor], self.collect([], _no_input, early_exit=False, release_inputs=release_inputs))
+        return cast(list[torch.Tensor], self.collect([], _no_input, early_exit=False, release_inputs=release_inputs,
+                                                     reuse_heap=reuse_heap))
 
     @torch.no_grad()
     def collect(self, names: Sequence[str], fn: InputFn, early_exit: bool = True, *,
-                release_inputs: bool = False) -> list[torch.Tensor] | None:
+                release_inputs: bool = False, reuse_heap: bool = False) -> list[torch.Tensor] | None:
         """Run every chunk through the block, calling ``fn`` with the input of each module in ``names``.
 
         With ``early_exit`` the forward of a chunk stops as soon as every listed module has
@@ -276,8 +278,20 @@ class BlockContext:
         method that does not change the block inside ``fn`` can reuse them instead of a second pass.
         ``release_inputs``: :meth:`release_inputs` chunk by chunk, each input freed once its forward
         is done, so the input and output streams are never both whole (same values).
+        ``reuse_heap``: the pass runs under :func:`~quantlab.utils.memory.repeated_allocations`, so every
+        chunk's transient activations come from one heap working set instead of fresh page-faulted
+        mappings (same values). For a pass that keeps nothing but the outputs and what ``fn`` adds to
+        accumulators: GPTQ's passes at llm-compressor's schedule (``true_sequential=false``; SmolLM2-135M,
+        32 x 256 tokens, 2026-12-08: 1.33M page faults instead of 7.1M, the quantization 67.9 s
+        instead of 83.0 s in a slow hour, peak RSS 1067 vs 1060 MiB). The other methods' passes keep
+        per-tensor mappings, as their memory was measured.
         """
         mods = {n: self.block.get_submodule(n) for n in names}
+        with repeated_allocations() if reuse_heap else nullcontext():
+            return self._collect(mods, fn, early_exit, release_inputs)
+
+    def _collect(self, mods: dict[str, nn.Module], fn: InputFn, early_exit: bool,
+                 release_inputs: bool) -> list[torch.Tensor] | None:
         outs: list[torch.Tensor] = []
         for ci, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
             fired: set[str] = set()
@@ -377,7 +391,8 @@ def run_sequential(
                     if returns_outputs and ret is None:
                         raise RuntimeError(f"{desc}: the block callback returned no outputs for {ctx.name}")
                     # the block is done: its last forward frees each input chunk as it goes
-                    outs = fp_out if fp_out is not None else (ret if ret is not None else ctx.forward(release_inputs=True))
+                    outs = fp_out if fp_out is not None else (
+                        ret if ret is not None else ctx.forward(release_inputs=True, reuse_heap=True))
                 data = BlockData(hidden=outs, kwargs=data.kwargs, index=data.index)
                 del ctx, fp_out, ret, outs
                 release_freed_memory()  # the block's transients, back to the OS (utils.memory)

@@ -198,7 +198,8 @@ class GPTQQuantizer(BlockwiseQuantizer[GPTQConfig]):
     def _hessians(bctx: BlockContext, names: list[str]) -> dict[str, HessianAccumulator]:
         """One Hessian per listed Linear's input, from one (early-exit) pass over the calibration chunks."""
         accs = {n: HessianAccumulator(bctx.linear(n).in_features) for n in names}
-        bctx.collect(names, lambda n, x, _kw, _chunk: accs[n].add(x), early_exit=True)
+        # the accumulators' only allocations are their H, kept: the chunks' transients reuse one working set
+        bctx.collect(names, lambda n, x, _kw, _chunk: accs[n].add(x), early_exit=True, reuse_heap=True)
         return accs
 
     def _quantize_subset(
