@@ -282,9 +282,9 @@ class BlockContext:
         chunk's transient activations come from one heap working set instead of fresh page-faulted
         mappings (same values). For a pass that keeps nothing but the outputs and what ``fn`` adds to
         accumulators: GPTQ's passes at llm-compressor's schedule (``true_sequential=false``; SmolLM2-135M,
-        32 x 256 tokens, 2026-12-08: 1.33M page faults instead of 7.1M, the quantization 67.9 s
-        instead of 83.0 s in a slow hour, peak RSS 1067 vs 1060 MiB). The other methods' passes keep
-        per-tensor mappings, as their memory was measured.
+        32 x 256 tokens, ``scripts/bench_peers.py``, 2026-12-08: 1.12-1.30M minor page faults instead of
+        6.6M, 0.36-0.48x llm-compressor's time instead of 0.55-0.66x, the RSS increase 0.14-0.16 GiB
+        instead of 0.10). The other methods' passes keep per-tensor mappings, as their memory was measured.
         """
         mods = {n: self.block.get_submodule(n) for n in names}
         with repeated_allocations() if reuse_heap else nullcontext():
@@ -368,7 +368,9 @@ def run_sequential(
     Blocks are calibrated under :func:`quantlab.utils.memory.bounded_heap` (large transients never
     settle in glibc's heap: GPTQ on SmolLM2 1.31x vs 1.53x the model's bytes, 60.6 s vs 55.1 s, before
     the GPTQ solver work); a callback that repeats many forwards per block (AWQ's grid search) wraps
-    that loop in :func:`~quantlab.utils.memory.repeated_allocations`. ``QUANTLAB_HEAP_TUNING=0``: off.
+    that loop in :func:`~quantlab.utils.memory.repeated_allocations`, and a pass may ask for it
+    (``BlockContext.collect(reuse_heap=True)``; the engine's own last pass over a block does).
+    ``QUANTLAB_HEAP_TUNING=0``: off.
     """
     if propagate not in ("quantized", "fp"):
         raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
